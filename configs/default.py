@@ -1,0 +1,79 @@
+"""Shared defaults for every semseg-jax run.
+
+Network and dataset configs import this and override a few fields. Every key
+here is the one name of its option; an unknown key on the command line
+(``--config.foo=1``) is an error.
+
+    python -m semseg_jax.main --config=configs/default.py --workdir=/tmp/run
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # --- network: `name` picks it from the registry; the other keys are its options.
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'unet'
+  config.model.feature_scale = 16
+  config.model.padding = 'same'
+  config.num_classes = 6  # Output classes; must equal the dataset's.
+  config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (weights stay float32).
+
+  # --- data (semseg_jax/data): the built-in `shapes` needs no download.
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'shapes'  # 'shapes' or a prepared TFDS name ('voc2012', ...).
+  config.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None = TFDS default.
+  config.dataset.train_split = 'train'
+  config.dataset.eval_split = 'validation'
+  config.dataset.image_size = (128, 128)  # Train crop / eval pad size (H, W).
+  config.dataset.scale_range = (0.75, 1.25)  # Random rescale before the crop; None = off.
+  config.dataset.hflip = True  # Random horizontal flip.
+  config.dataset.vflip = False  # Random vertical flip.
+  config.dataset.color_jitter = 0.0  # Brightness/contrast/saturation strength; 0 = off.
+  config.dataset.mean = (123.675, 116.28, 103.53)  # Normalisation, 0-255 units (ImageNet).
+  config.dataset.std = (58.395, 57.12, 57.375)
+  config.dataset.num_workers = 0  # grain worker processes; 0 = read in this process.
+  config.dataset.prefetch = 2  # Batches prefetched by the reader threads.
+  config.dataset.num_train = 2000  # shapes only: examples in its train split.
+  config.dataset.num_eval = 200  # shapes only: examples in its validation split.
+  config.dataset.shapes_image_size = (128, 128)  # shapes only: generated image size.
+
+  # --- loss (semseg_jax/losses.py)
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = 'cross_entropy'  # or 'bootstrapped_cross_entropy'.
+  config.loss.ignore_index = 255
+  config.loss.class_weights = config_dict.placeholder(tuple)  # None = uniform.
+  config.loss.aux_weights = ()  # One weight per auxiliary output of the network.
+  config.loss.bootstrap_k = 4096  # Hardest pixels per image for the bootstrapped loss.
+
+  # --- optimisation
+  config.batch_size = 8  # Global batch over all devices and processes.
+  config.eval_batch_size = 8  # Global eval batch.
+  config.num_train_steps = 2000
+  config.seed = 0
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'sgd'  # 'sgd' (momentum), 'adam' or 'adamw'.
+  config.optimizer.learning_rate = 0.01  # Peak learning rate (after warm-up).
+  config.optimizer.momentum = 0.9  # sgd only.
+  config.optimizer.nesterov = False  # sgd only.
+  config.optimizer.b1 = 0.9  # adam(w) only.
+  config.optimizer.b2 = 0.999  # adam(w) only.
+  config.optimizer.weight_decay = 5e-4  # L2 added to the gradient (sgd/adam), decoupled (adamw).
+  config.optimizer.grad_clip_norm = 0.0  # Clip the global gradient norm; 0 = off.
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.name = 'poly'  # 'poly', 'cosine' or 'constant'.
+  config.schedule.warmup_steps = 0  # Linear warm-up from 0 to the peak.
+  config.schedule.power = 0.9  # poly only: lr * (1 - t/T) ** power.
+  config.schedule.end_lr_factor = 0.0  # Final lr as a fraction of the peak (poly, cosine).
+
+  # --- bookkeeping
+  config.log_every_steps = 50
+  config.eval_every_steps = 500  # Also evaluates after the last step.
+  config.checkpoint_every_steps = 500  # Also saves after the last step.
+  config.keep_checkpoints = 3  # Latest checkpoints kept; the best-by-mIoU one is kept too.
+  config.eval_checkpoint = 'latest'  # --mode=eval/predict: 'latest' or 'best'.
+  config.num_eval_images_logged = 4  # Validation predictions written as images per eval.
+
+  return config

@@ -1,0 +1,146 @@
+"""Inference: ``predict(images)`` -> label maps, and writing them as PNGs."""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from semseg_jax import visualize
+from semseg_jax.progress import progress
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+# Inputs are padded to a multiple of this, so every network's strides fit.
+_PAD_MULTIPLE = 32
+
+
+class Predictor:
+  """A jitted ``uint8 image -> class map`` function for one model and its variables."""
+
+  def __init__(self, model, variables: dict[str, Any], *, mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD):
+    self.variables = variables
+    self.mean = np.asarray(mean, np.float32)
+    self.std = np.asarray(std, np.float32)
+
+    def fn(variables, x):
+      return jnp.argmax(model.apply(variables, x, train=False).logits, axis=-1)
+
+    self._fn = jax.jit(fn)
+
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    """``[H, W, 3]`` uint8 -> ``[H, W]`` uint8 class ids (any H, W)."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f'expected an RGB image [H, W, 3], got shape {image.shape}')
+    h, w = image.shape[:2]
+    x = (image.astype(np.float32) - self.mean) / self.std
+    ph, pw = -h % _PAD_MULTIPLE, -w % _PAD_MULTIPLE
+    x = np.pad(x, ((0, ph), (0, pw), (0, 0)))  # Zero = the mean colour after normalising.
+    pred = self._fn(self.variables, x[None])[0, :h, :w]
+    return np.asarray(pred, np.uint8)
+
+
+def _as_image_list(images) -> tuple[list[np.ndarray], str]:
+  if isinstance(images, (str, os.PathLike)):
+    return [read_image(images)], 'single'
+  if isinstance(images, np.ndarray) or hasattr(images, '__array__'):
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+      return [arr], 'single'
+    if arr.ndim == 4:
+      return list(arr), 'batch'
+    raise ValueError(f'images must be [H, W, 3] or [N, H, W, 3], got shape {arr.shape}')
+  return [read_image(i) if isinstance(i, (str, os.PathLike)) else np.asarray(i)
+          for i in images], 'list'
+
+
+def predict(images, *, workdir: str | None = None, model=None,
+            variables: dict[str, Any] | None = None, checkpoint: str = 'latest',
+            mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+  """Label maps for ``images``.
+
+  Args:
+    images: one uint8 ``[H, W, 3]`` image, a batch ``[N, H, W, 3]``, a list of
+      images of any sizes, or image file paths.
+    workdir: a training workdir; its config and ``checkpoint`` ('latest' or
+      'best') are loaded. Otherwise pass ``model`` and ``variables``.
+    mean, std: normalisation (0-255 units); default: the workdir's config, or
+      ImageNet's.
+
+  Returns:
+    uint8 class ids: ``[H, W]`` for one image, ``[N, H, W]`` for a batch, a list
+    for a list.
+  """
+  predictor = _make_predictor(workdir, model, variables, checkpoint, mean, std)
+  items, kind = _as_image_list(images)
+  preds = [predictor(im) for im in items]
+  if kind == 'single':
+    return preds[0]
+  return np.stack(preds) if kind == 'batch' else preds
+
+
+def _make_predictor(workdir, model, variables, checkpoint, mean, std) -> Predictor:
+  if workdir is not None:
+    from semseg_jax import train  # pylint: disable=g-import-not-at-top (train imports us)
+    config = train.load_config_from_workdir(workdir)
+    model, variables, _ = train.restore_variables(config, workdir, checkpoint)
+    mean = mean if mean is not None else tuple(config.dataset.mean)
+    std = std if std is not None else tuple(config.dataset.std)
+  elif model is None or variables is None:
+    raise ValueError('predict() needs workdir=... or both model=... and variables=...')
+  return Predictor(model, variables, mean=mean if mean is not None else IMAGENET_MEAN,
+                   std=std if std is not None else IMAGENET_STD)
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file as uint8 ``[H, W, 3]`` RGB; a clear error for unreadable files."""
+  try:
+    with Image.open(path) as img:
+      return np.asarray(img.convert('RGB'))
+  except (OSError, ValueError) as e:
+    raise ValueError(f'cannot read image {path}: {e}') from None
+
+
+def expand_inputs(pattern: str) -> list[str]:
+  """Files named by a path, a directory or a glob, sorted."""
+  if os.path.isdir(pattern):
+    paths = [os.path.join(pattern, f) for f in sorted(os.listdir(pattern))]
+    paths = [p for p in paths if os.path.isfile(p)]
+  else:
+    paths = sorted(glob.glob(pattern))
+  if not paths:
+    raise FileNotFoundError(f'--input={pattern!r} matches no file')
+  return paths
+
+
+def predict_files(pattern: str, output_dir: str, predictor: Predictor, palette: np.ndarray,
+                  label_pattern: str | None = None) -> list[str]:
+  """Writes, per input image: ``<name>.png`` (palette label PNG),
+  ``<name>_overlay.png`` and ``<name>_panel.png`` (input | prediction [| label]).
+
+  ``label_pattern`` (e.g. ``'/data/labels/{stem}.png'``) adds ground truth to the panel.
+  """
+  os.makedirs(output_dir, exist_ok=True)
+  paths = expand_inputs(pattern)
+  written = []
+  for path in progress(paths, len(paths), 'predict'):
+    image = read_image(path)
+    pred = predictor(image)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    label = None
+    if label_pattern:
+      label_path = label_pattern.format(stem=stem)
+      if os.path.exists(label_path):
+        label = np.asarray(Image.open(label_path))
+    out = os.path.join(output_dir, stem)
+    visualize.save_label_png(out + '.png', pred, palette)
+    visualize.save_image(out + '_overlay.png', visualize.overlay(image, pred, palette))
+    visualize.save_image(out + '_panel.png', visualize.side_by_side(image, pred, palette, label))
+    written.append(out + '.png')
+  return written
