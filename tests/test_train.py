@@ -10,39 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from configs import quickstart
 from semseg_jax import checkpoint as ckpt
 from semseg_jax import config as config_lib
 from semseg_jax import sharding
 from semseg_jax import train
+from testing_utils import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(**overrides):
-  """A few-second run: a 4-level U-Net of width 2..32 on 32x32 shapes."""
-  config = quickstart.get_config()
-  config.unlock()
-  values = {
-      'model.feature_scale': 32,
-      'dataset.shapes_image_size': (32, 32),
-      'dataset.image_size': (32, 32),
-      'dataset.num_train': 16,
-      'dataset.num_eval': 6,
-      'batch_size': 4,
-      'eval_batch_size': 4,
-      'num_train_steps': 6,
-      'log_every_steps': 2,
-      'eval_every_steps': 3,
-      'checkpoint_every_steps': 2,
-      'num_eval_images_logged': 2,
-      'schedule.warmup_steps': 0,
-  }
-  values.update(overrides)
-  for key, value in values.items():
-    config_lib.set_value(config, key, value)
-  config.lock()
-  return config
 
 
 def test_poly_schedule_with_warmup_matches_formula():
@@ -82,7 +56,7 @@ def test_one_step_on_8_devices_equals_1_device():
       sys.path.insert(0, sys.argv[1]); sys.path.insert(0, os.path.join(sys.argv[1], 'tests'))
       import jax, numpy as np
       assert jax.device_count() == 8
-      from test_train import tiny_config
+      from testing_utils import tiny_config
       from semseg_jax import sharding, train
       from semseg_jax.data import pipeline
       from semseg_jax import data as data_lib

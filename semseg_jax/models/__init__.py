@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -18,6 +19,16 @@ from semseg_jax.models.output import SegmentationOutput
 _MODEL_MODULES = (
     'semseg_jax.models.fcn',
     'semseg_jax.models.unet',
+    'semseg_jax.models.segnet',
+    'semseg_jax.models.frrn',
+    'semseg_jax.models.pspnet',
+    'semseg_jax.models.icnet',
+    'semseg_jax.models.linknet',
+    'semseg_jax.models.fcdensenet',
+    'semseg_jax.models.enet',
+    'semseg_jax.models.gfrnet',
+    'semseg_jax.models.refinenet',
+    'semseg_jax.models.deeplabv3plus',
 )
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -41,7 +52,8 @@ def _load_all():
   global _loaded
   if not _loaded:
     for module in _MODEL_MODULES:
-      importlib.import_module(module)
+      if importlib.util.find_spec(module) is not None:  # TODO: drop once all exist.
+        importlib.import_module(module)
     _loaded = True
 
 

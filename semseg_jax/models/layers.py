@@ -1,0 +1,443 @@
+"""Shared building blocks with PyTorch semantics, reused by every network.
+
+All tensors are NHWC. Sizes, paddings and index rules follow PyTorch exactly
+(``Conv2d``, ``ConvTranspose2d``, ``MaxPool2d(ceil_mode, return_indices)``,
+``MaxUnpool2d``, ``F.interpolate``) so that weights converted from
+pytorch-semseg reproduce its outputs. Index arithmetic that depends only on
+static shapes is done in numpy at trace time; only gathers/scatters reach XLA.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+IntOrPair = int | Sequence[int]
+# PyTorch-style padding: an int, an (h, w) pair, explicit ((lo, hi), (lo, hi))
+# pairs, or one of Flax's strings 'SAME' / 'VALID'.
+Padding = int | str | Sequence[int] | Sequence[tuple[int, int]]
+
+
+def _pair(v: IntOrPair, name: str) -> tuple[int, int]:
+  """Returns ``(v, v)`` for an int, ``tuple(v)`` for a length-2 sequence."""
+  if isinstance(v, (int, np.integer)):
+    return int(v), int(v)
+  v = tuple(int(a) for a in v)
+  if len(v) != 2:
+    raise ValueError(f'{name} must be an int or a pair, got {v!r}')
+  return v
+
+
+def _conv_padding(padding: Padding) -> str | tuple[tuple[int, int], ...]:
+  """Converts PyTorch-style padding to ``nn.Conv``'s explicit pairs."""
+  if isinstance(padding, str):
+    return padding.upper()
+  if isinstance(padding, (int, np.integer)):
+    p = int(padding)
+    return ((p, p), (p, p))
+  padding = tuple(padding)
+  if len(padding) == 2 and all(
+      isinstance(p, (int, np.integer)) for p in padding):
+    return tuple((int(p), int(p)) for p in padding)
+  if len(padding) == 2 and all(len(p) == 2 for p in padding):
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+  raise ValueError(f'padding must be an int, a pair, two (lo, hi) pairs or '
+                   f'"SAME"/"VALID", got {padding!r}')
+
+
+# ----------------------------------------------------------------------------
+# Bilinear upsampling filter (FCN's get_upsampling_weight).
+
+
+def bilinear_kernel(kernel_size: int, in_channels: int,
+                    out_channels: int) -> np.ndarray:
+  """The FCN bilinear upsampling filter, as a ``ConvTranspose`` kernel.
+
+  Args:
+    kernel_size: spatial size ``k`` of the square filter.
+    in_channels: input channels of the transposed convolution.
+    out_channels: output channels.
+
+  Returns:
+    float32 array ``[k, k, in_channels, out_channels]``: the separable
+    triangle filter ``(1 - |i - c| / f) * (1 - |j - c| / f)`` (``f =
+    ceil(k / 2)``, ``c`` the filter centre) at ``[:, :, i, i]`` for
+    ``i < min(in, out)`` and zero elsewhere, so each channel is upsampled on
+    its own. This is torch's ``[in, out, k, k]`` filter in our HWIO layout.
+  """
+  factor = (kernel_size + 1) // 2
+  center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+  og = np.arange(kernel_size, dtype=np.float64)
+  tri = 1.0 - np.abs(og - center) / factor
+  filt = np.outer(tri, tri)
+  weight = np.zeros((kernel_size, kernel_size, in_channels, out_channels),
+                    np.float32)
+  for i in range(min(in_channels, out_channels)):
+    weight[:, :, i, i] = filt
+  return weight
+
+
+def bilinear_init() -> Callable[..., Array]:
+  """A Flax initializer filling a ``[k, k, in, out]`` kernel with
+  :func:`bilinear_kernel` (deterministic: the rng key is unused)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    kh, kw, cin, cout = shape
+    if kh != kw:
+      raise ValueError(f'bilinear_init needs a square kernel, got {shape}')
+    return jnp.asarray(bilinear_kernel(kh, cin, cout), dtype)
+
+  return init
+
+
+# ----------------------------------------------------------------------------
+# Convolutions.
+
+
+def conv(features: int,
+         kernel_size: IntOrPair,
+         strides: IntOrPair = 1,
+         padding: Padding = 0,
+         dilation: IntOrPair = 1,
+         use_bias: bool = True,
+         dtype: Dtype = jnp.float32,
+         name: str | None = None,
+         **kwargs: Any) -> nn.Conv:
+  """``nn.Conv`` configured like ``torch.nn.Conv2d``.
+
+  ``padding`` is PyTorch's (symmetric zero padding of ``p`` pixels) unless
+  it is a string or explicit pairs. ``dilation`` becomes ``kernel_dilation``,
+  which XLA lowers to ``rhs_dilation`` (atrous convolution): output size is
+  ``floor((H + 2p - d * (k - 1) - 1) / s) + 1`` as in PyTorch.
+  Parameters stay float32; ``dtype`` is the computation dtype.
+  """
+  return nn.Conv(
+      features=features,
+      kernel_size=_pair(kernel_size, 'kernel_size'),
+      strides=_pair(strides, 'strides'),
+      padding=_conv_padding(padding),
+      kernel_dilation=_pair(dilation, 'dilation'),
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name,
+      **kwargs)
+
+
+class ConvTranspose(nn.Module):
+  """``torch.nn.ConvTranspose2d`` semantics (groups=1).
+
+  The kernel is ``[kh, kw, in, out]``: torch's weight ``[in, out, kh, kw]``
+  transposed by ``(2, 3, 0, 1)``, not flipped. The output size is
+  ``(H - 1) * s - 2p + d * (k - 1) + output_padding + 1``.
+
+  Implemented as a dilated-input convolution (``lhs_dilation=strides``) with
+  the spatially flipped kernel and padding ``d * (k - 1) - p`` (plus
+  ``output_padding`` at the bottom/right); negative padding crops.
+
+  Attributes:
+    features: output channels.
+    kernel_size: ``k`` or ``(kh, kw)``.
+    strides: ``s`` or ``(sh, sw)``.
+    padding: torch ``padding`` ``p`` (int or pair).
+    output_padding: torch ``output_padding`` (int or pair), ``< s`` or ``< d``.
+    kernel_dilation: torch ``dilation``.
+    use_bias: whether to add a bias.
+    kernel_init / bias_init: initializers (params are float32).
+    dtype: computation dtype.
+  """
+  features: int
+  kernel_size: IntOrPair
+  strides: IntOrPair = 1
+  padding: IntOrPair = 0
+  output_padding: IntOrPair = 0
+  kernel_dilation: IntOrPair = 1
+  use_bias: bool = True
+  kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+  bias_init: Callable[..., Array] = nn.initializers.zeros
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """``x`` ``[B, H, W, C_in]`` -> ``[B, H', W', features]``."""
+    k = _pair(self.kernel_size, 'kernel_size')
+    s = _pair(self.strides, 'strides')
+    p = _pair(self.padding, 'padding')
+    op = _pair(self.output_padding, 'output_padding')
+    d = _pair(self.kernel_dilation, 'kernel_dilation')
+    for i in range(2):
+      if op[i] >= max(s[i], d[i]):
+        raise ValueError(f'output_padding {op} must be smaller than stride '
+                         f'{s} or dilation {d}')
+    kernel = self.param('kernel', self.kernel_init,
+                        (k[0], k[1], x.shape[-1], self.features), jnp.float32)
+    pads = [(d[i] * (k[i] - 1) - p[i], d[i] * (k[i] - 1) - p[i] + op[i])
+            for i in range(2)]
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype),
+        jnp.flip(kernel, (0, 1)).astype(self.dtype),
+        window_strides=(1, 1),
+        padding=pads,
+        lhs_dilation=s,
+        rhs_dilation=d,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class ConvBNAct(nn.Module):
+  """Conv2d -> optional BatchNorm2d -> optional activation (PyTorch defaults).
+
+  Submodules are named ``conv`` and ``bn`` (the converter relies on it).
+  BatchNorm uses ``momentum=0.9`` (torch's 0.1), ``epsilon=1e-5`` and keeps
+  its running statistics in ``batch_stats``.
+
+  Attributes:
+    features: output channels.
+    kernel_size, strides, dilation, padding: as :func:`conv` (PyTorch style).
+    use_bias: conv bias (pytorch-semseg keeps it even before BN).
+    norm: apply BatchNorm.
+    act: activation or ``None``.
+    dtype: computation dtype; params and BN statistics stay float32.
+  """
+  features: int
+  kernel_size: IntOrPair = 3
+  strides: IntOrPair = 1
+  dilation: IntOrPair = 1
+  padding: Padding = 0
+  use_bias: bool = True
+  norm: bool = True
+  act: Callable[[Array], Array] | None = nn.relu
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    x = conv(self.features, self.kernel_size, self.strides, self.padding,
+             self.dilation, self.use_bias, self.dtype, name='conv')(x)
+    if self.norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       epsilon=1e-5, dtype=self.dtype,
+                       param_dtype=jnp.float32, name='bn')(x)
+    if self.act is not None:
+      x = self.act(x)
+    return x
+
+
+# ----------------------------------------------------------------------------
+# Pooling.
+
+
+def _pool_out_size(n: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+  """PyTorch's pooling output length (``pooling_output_shape``)."""
+  if 2 * p > k:
+    raise ValueError(f'pad {p} should be at most half of the window {k}')
+  # Python's // floors negative numerators like ATen's div_rtn.
+  out = (n + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+  # The last window must start inside the input or its left padding.
+  if ceil_mode and (out - 1) * s >= n + p:
+    out -= 1
+  if out < 1:
+    raise ValueError(f'pooling window {k} (stride {s}, padding {p}) leaves '
+                     f'no output for an input of size {n}')
+  return out
+
+
+def _pool_geometry(hw, window, stride, padding, ceil_mode):
+  k, s, p = (_pair(window, 'window'), _pair(stride, 'stride'),
+             _pair(padding, 'padding'))
+  out = tuple(_pool_out_size(hw[i], k[i], s[i], p[i], ceil_mode)
+              for i in range(2))
+  # Padding at the end so that every window lies inside the padded array.
+  hi = tuple(max(0, (out[i] - 1) * s[i] + k[i] - hw[i] - p[i])
+             for i in range(2))
+  return k, s, p, out, hi
+
+
+def max_pool(x: Array, window: IntOrPair = 2, stride: IntOrPair | None = None,
+             padding: IntOrPair = 0, ceil_mode: bool = False) -> Array:
+  """``torch.nn.MaxPool2d`` on ``[B, H, W, C]`` (pads with ``-inf``)."""
+  stride = window if stride is None else stride
+  k, s, p, _, hi = _pool_geometry(x.shape[1:3], window, stride, padding,
+                                  ceil_mode)
+  return nn.max_pool(x, k, s, padding=((p[0], hi[0]), (p[1], hi[1])))
+
+
+def max_pool_with_argmax(x: Array, window: IntOrPair = 2,
+                         stride: IntOrPair | None = None,
+                         padding: IntOrPair = 0,
+                         ceil_mode: bool = False) -> tuple[Array, Array]:
+  """``MaxPool2d(return_indices=True)``.
+
+  Args:
+    x: ``[B, H, W, C]`` float.
+    window, stride, padding, ceil_mode: as in PyTorch (stride defaults to
+      the window).
+
+  Returns:
+    ``(y, indices)``: ``y`` ``[B, h, w, C]`` the window maxima, ``indices``
+    int32 ``[B, h, w, C]`` the flat position ``row * W + col`` of each
+    maximum in the unpadded ``H x W`` plane, as torch returns it. Ties go to
+    the first element in row-major window order (torch's rule); NaN wins.
+    Gradients flow to the selected element only.
+  """
+  stride = window if stride is None else stride
+  h_in, w_in = x.shape[1:3]
+  k, s, p, out, hi = _pool_geometry((h_in, w_in), window, stride, padding,
+                                    ceil_mode)
+  neg = jnp.array(-jnp.inf, x.dtype)
+  xp = jnp.pad(x, ((0, 0), (p[0], hi[0]), (p[1], hi[1]), (0, 0)),
+               constant_values=neg)
+  # One strided view per window offset: [k*k, B, h, w, C], row-major order.
+  views = [
+      jax.lax.slice(xp, (0, dy, dx, 0),
+                    (xp.shape[0], dy + (out[0] - 1) * s[0] + 1,
+                     dx + (out[1] - 1) * s[1] + 1, xp.shape[3]),
+                    (1, s[0], s[1], 1))
+      for dy in range(k[0]) for dx in range(k[1])
+  ]
+  stacked = jnp.stack(views)
+  arg = jnp.argmax(stacked, axis=0)  # first maximum wins, like torch
+  y = jnp.take_along_axis(stacked, arg[None], axis=0)[0]
+  # Flat input index of each window offset, per output position (numpy).
+  rows = (np.arange(out[0]) * s[0] - p[0])[:, None, None]
+  cols = (np.arange(out[1]) * s[1] - p[1])[None, :, None]
+  dys = np.repeat(np.arange(k[0]), k[1])[None, None, :]
+  dxs = np.tile(np.arange(k[1]), k[0])[None, None, :]
+  flat = ((rows + dys) * w_in + (cols + dxs)).astype(np.int32)  # [h, w, k*k]
+  indices = jnp.take_along_axis(
+      jnp.asarray(flat)[None, :, :, None, :],
+      arg[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return y, indices
+
+
+def max_unpool(y: Array, indices: Array, output_hw: Sequence[int]) -> Array:
+  """``MaxUnpool2d``: scatters ``y`` to ``indices`` in a zero ``output_hw``.
+
+  Args:
+    y: ``[B, h, w, C]`` pooled values.
+    indices: int ``[B, h, w, C]`` flat positions from
+      :func:`max_pool_with_argmax`.
+    output_hw: ``(H, W)`` of the unpooled map (torch's ``output_size``).
+
+  Returns:
+    ``[B, H, W, C]`` with ``y`` at its argmax positions and zeros elsewhere;
+    differentiable in ``y``. Out-of-range indices are dropped (torch raises;
+    traced indices cannot be checked).
+  """
+  if y.shape != indices.shape:
+    raise ValueError(f'max_unpool: values {y.shape} and indices '
+                     f'{indices.shape} differ in shape')
+  b, h, w, c = y.shape
+  hh, ww = (int(v) for v in output_hw)
+  flat_y = y.reshape(b, h * w, c)
+  flat_i = indices.reshape(b, h * w, c)
+  bi = jnp.arange(b)[:, None, None]
+  ci = jnp.arange(c)[None, None, :]
+  out = jnp.zeros((b, hh * ww, c), y.dtype)
+  out = out.at[bi, flat_i, ci].set(flat_y, mode='drop')
+  return out.reshape(b, hh, ww, c)
+
+
+# ----------------------------------------------------------------------------
+# Resizing (F.interpolate) and cropping.
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+  """Source rows of torch's legacy 'nearest': ``floor(dst * in / out)``,
+  computed in float32 exactly as ATen's ``nearest_idx`` does."""
+  if n_out == n_in:
+    return np.arange(n_out)
+  if n_out == 2 * n_in:
+    return np.arange(n_out) >> 1
+  scale = np.float32(n_in) / np.float32(n_out)
+  src = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, n_in - 1)
+
+
+def _linear_weights(n_in: int, n_out: int, align_corners: bool):
+  """``(i0, i1, w1)`` of torch's bilinear: ``out = x[i0]*(1-w1) + x[i1]*w1``,
+  with the source coordinate computed in float32 like ATen."""
+  dst = np.arange(n_out, dtype=np.float32)
+  if align_corners:
+    scale = (np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1
+             else np.float32(0))
+    src = dst * scale
+  else:
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5),
+                     np.float32(0))
+  i0 = np.floor(src).astype(np.int64)
+  i0 = np.minimum(i0, n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  w1 = (src - i0.astype(np.float32)).astype(np.float32)
+  return i0, i1, w1
+
+
+def _lerp_axis(x: Array, axis: int, n_out: int, align_corners: bool) -> Array:
+  n_in = x.shape[axis]
+  if n_in == n_out:  # identity in every torch mode
+    return x
+  i0, i1, w1 = _linear_weights(n_in, n_out, align_corners)
+  shape = [1] * x.ndim
+  shape[axis] = n_out
+  w1 = jnp.asarray(w1, jnp.float32).reshape(shape)
+  a = jnp.take(x, jnp.asarray(i0), axis=axis).astype(jnp.float32)
+  b = jnp.take(x, jnp.asarray(i1), axis=axis).astype(jnp.float32)
+  return (a * (1.0 - w1) + b * w1).astype(x.dtype)
+
+
+def resize(x: Array, hw: Sequence[int], method: str = 'bilinear',
+           align_corners: bool = False) -> Array:
+  """``F.interpolate(size=hw)`` on ``[B, H, W, C]``.
+
+  Args:
+    x: ``[B, H, W, C]``.
+    hw: output ``(H', W')``.
+    method: ``'nearest'`` — PyTorch's legacy nearest (``F.upsample``
+      default): ``src = floor(dst * H / H')``, which differs from
+      ``jax.image.resize``'s half-pixel nearest; ``'bilinear'`` — half-pixel
+      centres without antialiasing (``align_corners=False``, equal to
+      ``jax.image.resize(..., 'bilinear', antialias=False)``) or corner
+      aligned (``align_corners=True``, ``nn.UpsamplingBilinear2d``).
+    align_corners: only for ``'bilinear'``.
+
+  Returns:
+    ``[B, H', W', C]`` in ``x.dtype`` (bilinear blends in float32).
+  """
+  hh, ww = (int(v) for v in hw)
+  if hh < 1 or ww < 1:
+    raise ValueError(f'resize: output size must be positive, got {hw!r}')
+  if method == 'nearest':
+    if align_corners:
+      raise ValueError("resize: align_corners applies to 'bilinear' only")
+    x = jnp.take(x, jnp.asarray(_nearest_index(x.shape[1], hh)), axis=1)
+    return jnp.take(x, jnp.asarray(_nearest_index(x.shape[2], ww)), axis=2)
+  if method == 'bilinear':
+    x = _lerp_axis(x, 1, hh, align_corners)
+    return _lerp_axis(x, 2, ww, align_corners)
+  raise ValueError(f"resize: method must be 'nearest' or 'bilinear', "
+                   f'got {method!r}')
+
+
+def crop(x: Array, offset: IntOrPair, hw: Sequence[int]) -> Array:
+  """``x[:, oy:oy+h, ox:ox+w]`` with a clear error when it does not fit."""
+  oy, ox = _pair(offset, 'offset')
+  h, w = (int(v) for v in hw)
+  if oy < 0 or ox < 0 or oy + h > x.shape[1] or ox + w > x.shape[2]:
+    raise ValueError(f'crop of {h}x{w} at offset ({oy}, {ox}) does not fit '
+                     f'in a {x.shape[1]}x{x.shape[2]} map')
+  return x[:, oy:oy + h, ox:ox + w]
+
+
+def center_crop(x: Array, hw: Sequence[int]) -> Array:
+  """Crops the centre ``hw`` of ``[B, H, W, C]`` (extra pixel at the end)."""
+  h, w = (int(v) for v in hw)
+  return crop(x, ((x.shape[1] - h) // 2, (x.shape[2] - w) // 2), (h, w))

@@ -1,0 +1,384 @@
+"""Tests of semseg_jax.models.layers against independent numpy references."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from semseg_jax.models import layers
+
+
+def _rng(seed=0):
+  return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------- references
+
+
+def np_conv2d(x, w, b, stride, pad, dil):
+  """torch Conv2d: x [B,H,W,I], w [O,I,kh,kw] (torch layout), correlation."""
+  bsz, h, wd, _ = x.shape
+  o, _, kh, kw = w.shape
+  xp = np.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
+  oh = (h + 2 * pad[0] - dil[0] * (kh - 1) - 1) // stride[0] + 1
+  ow = (wd + 2 * pad[1] - dil[1] * (kw - 1) - 1) // stride[1] + 1
+  out = np.zeros((bsz, oh, ow, o), np.float64)
+  for i in range(oh):
+    for j in range(ow):
+      for u in range(kh):
+        for v in range(kw):
+          patch = xp[:, i * stride[0] + u * dil[0], j * stride[1] + v * dil[1]]
+          out[:, i, j] += patch @ w[:, :, u, v].T
+  return out + (0 if b is None else b)
+
+
+def np_conv_transpose2d(x, w, b, stride, pad, out_pad, dil):
+  """torch ConvTranspose2d by scatter-add: w [I,O,kh,kw] (torch layout)."""
+  bsz, h, wd, _ = x.shape
+  _, o, kh, kw = w.shape
+  full_h = (h - 1) * stride[0] + dil[0] * (kh - 1) + 1 + out_pad[0]
+  full_w = (wd - 1) * stride[1] + dil[1] * (kw - 1) + 1 + out_pad[1]
+  out = np.zeros((bsz, full_h, full_w, o), np.float64)
+  for i in range(h):
+    for j in range(wd):
+      for u in range(kh):
+        for v in range(kw):
+          out[:, i * stride[0] + u * dil[0], j * stride[1] + v * dil[1]] += (
+              x[:, i, j] @ w[:, :, u, v])
+  out = out[:, pad[0]:full_h - pad[0], pad[1]:full_w - pad[1]]
+  return out + (0 if b is None else b)
+
+
+def np_pool_argmax(x, k, s, p, ceil_mode):
+  """torch MaxPool2d(return_indices=True) on [B,H,W,C], loops."""
+  bsz, h, w, c = x.shape
+
+  def out_len(n, k, s, p):
+    o = (n + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (o - 1) * s >= n + p:
+      o -= 1
+    return o
+
+  oh, ow = out_len(h, k[0], s[0], p[0]), out_len(w, k[1], s[1], p[1])
+  y = np.zeros((bsz, oh, ow, c), x.dtype)
+  idx = np.zeros((bsz, oh, ow, c), np.int64)
+  for bb, i, j, cc in itertools.product(range(bsz), range(oh), range(ow),
+                                        range(c)):
+    best, arg = -np.inf, -1
+    for u in range(k[0]):
+      for v in range(k[1]):
+        r, q = i * s[0] - p[0] + u, j * s[1] - p[1] + v
+        if 0 <= r < h and 0 <= q < w and x[bb, r, q, cc] > best:
+          best, arg = x[bb, r, q, cc], r * w + q
+    y[bb, i, j, cc], idx[bb, i, j, cc] = best, arg
+  return y, idx
+
+
+def np_bilinear(x, oh, ow, align_corners):
+  """torch bilinear interpolate on [B,H,W,C] in float64, loops."""
+  h, w = x.shape[1:3]
+
+  def src(dst, n_in, n_out):
+    if align_corners:
+      return dst * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    return max((dst + 0.5) * n_in / n_out - 0.5, 0.0)
+
+  out = np.zeros((x.shape[0], oh, ow, x.shape[3]))
+  for i in range(oh):
+    sy = src(i, h, oh)
+    y0 = min(int(np.floor(sy)), h - 1)
+    y1, ly = min(y0 + 1, h - 1), sy - y0
+    for j in range(ow):
+      sx = src(j, w, ow)
+      x0 = min(int(np.floor(sx)), w - 1)
+      x1, lx = min(x0 + 1, w - 1), sx - x0
+      out[:, i, j] = ((1 - ly) * ((1 - lx) * x[:, y0, x0] + lx * x[:, y0, x1])
+                      + ly * ((1 - lx) * x[:, y1, x0] + lx * x[:, y1, x1]))
+  return out
+
+
+# ------------------------------------------------------------ bilinear kernel
+
+
+def test_bilinear_kernel_values():
+  k4 = layers.bilinear_kernel(4, 3, 3)
+  tri = np.array([0.25, 0.75, 0.75, 0.25])
+  assert k4.shape == (4, 4, 3, 3) and k4.dtype == np.float32
+  for c in range(3):
+    np.testing.assert_allclose(k4[:, :, c, c], np.outer(tri, tri))
+  off = k4.copy()
+  for c in range(3):
+    off[:, :, c, c] = 0
+  assert not off.any()
+  np.testing.assert_allclose(layers.bilinear_kernel(3, 1, 1)[:, :, 0, 0],
+                             np.outer([.5, 1, .5], [.5, 1, .5]))
+  # Rectangular: diagonal of the leading square only.
+  k = layers.bilinear_kernel(2, 2, 3)
+  assert k[:, :, 1, 1].sum() > 0 and not k[:, :, :, 2].any()
+
+
+def test_bilinear_kernel_upsamples_linearly():
+  # Transposed conv with the k=4, s=2, p=1 filter is 2x linear interpolation:
+  # a linear ramp stays a linear ramp (away from the zero-padded border).
+  x = np.arange(8, dtype=np.float32)[None, None, :, None] * np.ones(
+      (1, 8, 1, 1), np.float32)
+  mod = layers.ConvTranspose(1, 4, 2, padding=1, use_bias=False,
+                             kernel_init=layers.bilinear_init())
+  v = mod.init(jax.random.key(0), x)
+  y = np.asarray(mod.apply(v, x))[0, 4, :, 0]
+  assert y.shape == (16,)
+  np.testing.assert_allclose(np.diff(y[1:-1]), 0.5, atol=1e-6)
+  np.testing.assert_allclose(y[1:-1], np.arange(1, 15) / 2 - 0.25, atol=1e-6)
+
+
+def test_bilinear_init_rejects_non_square():
+  with pytest.raises(ValueError, match='square'):
+    layers.bilinear_init()(jax.random.key(0), (3, 4, 2, 2))
+
+
+# -------------------------------------------------------------- convolutions
+
+
+@pytest.mark.parametrize('k,s,p,op,d', [
+    (4, 2, 0, 0, 1), (4, 2, 1, 0, 1), (3, 2, 1, 1, 1), (2, 2, 0, 0, 1),
+    (3, 1, 0, 0, 2), (3, 3, 2, 2, 1), ((3, 2), (2, 1), (1, 0), (1, 0), (1, 2)),
+    (2, 2, 3, 0, 1),  # padding > d*(k-1): negative conv padding (a crop)
+])
+def test_conv_transpose_matches_torch_reference(k, s, p, op, d):
+  r = _rng(1)
+  pair = lambda v: (v, v) if isinstance(v, int) else v
+  kp, sp, pp, opp, dp = map(pair, (k, s, p, op, d))
+  x = r.standard_normal((2, 5, 6, 3)).astype(np.float32)
+  w_torch = r.standard_normal((3, 4, *kp)).astype(np.float32)  # [I,O,kh,kw]
+  b = r.standard_normal(4).astype(np.float32)
+  mod = layers.ConvTranspose(4, k, s, padding=p, output_padding=op,
+                             kernel_dilation=d)
+  kernel = w_torch.transpose(2, 3, 0, 1)
+  y = mod.apply({'params': {'kernel': kernel, 'bias': b}}, x)
+  ref = np_conv_transpose2d(x, w_torch, b, sp, pp, opp, dp)
+  assert y.shape == ref.shape
+  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-4)
+  # And against jax.lax.conv_transpose (forward-conv kernel layout).
+  pads = [(dp[i] * (kp[i] - 1) - pp[i], dp[i] * (kp[i] - 1) - pp[i] + opp[i])
+          for i in range(2)]
+  lax_y = jax.lax.conv_transpose(x, np.swapaxes(kernel, 2, 3), sp, pads,
+                                 rhs_dilation=dp, transpose_kernel=True,
+                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(lax_y) + b, atol=1e-4)
+
+
+def test_conv_transpose_output_padding_must_be_small():
+  with pytest.raises(ValueError, match='output_padding'):
+    layers.ConvTranspose(2, 3, 2, output_padding=2).init(
+        jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+
+
+@pytest.mark.parametrize('k,s,p,d', [
+    (3, 1, 1, 1), (3, 1, 2, 2), (3, 2, 4, 4), ((3, 1), (1, 2), (0, 1), (2, 1)),
+    (7, 1, 0, 1), (1, 1, 0, 1),
+])
+def test_conv_is_torch_conv2d(k, s, p, d):
+  r = _rng(2)
+  pair = lambda v: (v, v) if isinstance(v, int) else v
+  x = r.standard_normal((2, 9, 11, 3)).astype(np.float32)
+  kp = pair(k)
+  w_torch = r.standard_normal((5, 3, *kp)).astype(np.float32)
+  b = r.standard_normal(5).astype(np.float32)
+  mod = layers.conv(5, k, s, p, d)
+  y = mod.apply({'params': {'kernel': w_torch.transpose(2, 3, 1, 0),
+                            'bias': b}}, x)
+  ref = np_conv2d(x, w_torch, b, pair(s), pair(p), pair(d))
+  assert y.shape == ref.shape
+  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-4)
+
+
+def test_conv_padding_forms():
+  x = jnp.zeros((1, 8, 8, 1))
+  shape = lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), x))
+  assert layers.conv(2, 3, padding='same').apply(
+      jax.tree.map(jnp.zeros_like, layers.conv(2, 3).init(
+          jax.random.key(0), x)), x).shape == (1, 8, 8, 2)
+  v = shape(layers.conv(2, 3, padding=((1, 0), (2, 2))))
+  assert v['params']['kernel'].shape == (3, 3, 1, 2)
+  with pytest.raises(ValueError, match='padding'):
+    layers.conv(2, 3, padding=(1, 2, 3))
+
+
+def test_conv_bn_act_eval_and_train():
+  r = _rng(3)
+  x = r.standard_normal((4, 6, 6, 2)).astype(np.float32) * 3 + 1
+  mod = layers.ConvBNAct(3, 3, padding=1, act=None)
+  v = mod.init(jax.random.key(0), x, train=False)
+  assert set(v) == {'params', 'batch_stats'}
+  assert set(v['params']) == {'conv', 'bn'}
+  # Eval: running statistics, PyTorch formula.
+  stats = {'mean': r.standard_normal(3).astype(np.float32),
+           'var': (0.5 + r.random(3)).astype(np.float32)}
+  params = {'conv': v['params']['conv'],
+            'bn': {'scale': (1 + r.random(3)).astype(np.float32),
+                   'bias': r.standard_normal(3).astype(np.float32)}}
+  y = mod.apply({'params': params, 'batch_stats': {'bn': stats}}, x,
+                train=False)
+  c = np.asarray(layers.conv(3, 3, padding=1).apply(
+      {'params': params['conv']}, x))
+  ref = ((c - stats['mean']) / np.sqrt(stats['var'] + 1e-5)
+         * params['bn']['scale'] + params['bn']['bias'])
+  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-4)
+  # Train: batch statistics; running mean moves 10% (torch momentum 0.1).
+  y, upd = mod.apply({'params': params, 'batch_stats': {'bn': stats}}, x,
+                     train=True, mutable=['batch_stats'])
+  bm = c.mean(axis=(0, 1, 2))
+  np.testing.assert_allclose(upd['batch_stats']['bn']['mean'],
+                             0.9 * stats['mean'] + 0.1 * bm, atol=1e-4)
+  z = (np.asarray(y) - params['bn']['bias']) / params['bn']['scale']
+  np.testing.assert_allclose(z.mean(axis=(0, 1, 2)), 0, atol=1e-4)
+  np.testing.assert_allclose(z.std(axis=(0, 1, 2)), 1, atol=1e-3)
+
+
+def test_conv_bn_act_relu_without_norm():
+  mod = layers.ConvBNAct(2, 1, norm=False)
+  x = -jnp.ones((1, 2, 2, 1))
+  v = {'params': {'conv': {'kernel': jnp.array([[[[1., -1.]]]]),
+                           'bias': jnp.zeros(2)}}}
+  y = mod.apply(v, x, train=True)
+  np.testing.assert_array_equal(np.asarray(y)[..., 0], 0)
+  np.testing.assert_array_equal(np.asarray(y)[..., 1], 1)
+
+
+# ------------------------------------------------------------------- pooling
+
+
+POOL_CASES = [
+    # (H, W, window, stride, padding, ceil_mode)
+    (6, 8, 2, 2, 0, False),
+    (7, 9, 2, 2, 0, False),
+    (7, 9, 2, 2, 0, True),
+    (5, 5, 3, 2, 1, False),
+    (6, 7, 3, 2, 1, True),
+    (8, 5, (3, 2), (2, 1), 0, True),
+    (1, 1, 2, 2, 0, True),  # window larger than the input: ceil_mode only
+    (2, 2, 3, 2, 0, True),
+]
+
+
+@pytest.mark.parametrize('h,w,k,s,p,ceil', POOL_CASES)
+def test_max_pool_with_argmax_matches_torch_reference(h, w, k, s, p, ceil):
+  # Small integers make ties common; torch keeps the first maximum.
+  x = _rng(4).integers(0, 3, (2, h, w, 3)).astype(np.float32)
+  pair = lambda v: (v, v) if isinstance(v, int) else v
+  ref_y, ref_i = np_pool_argmax(x, pair(k), pair(s), pair(p), ceil)
+  y, idx = layers.max_pool_with_argmax(jnp.asarray(x), k, s, p, ceil)
+  assert idx.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(y), ref_y)
+  np.testing.assert_array_equal(np.asarray(idx), ref_i)
+  np.testing.assert_array_equal(
+      np.asarray(layers.max_pool(jnp.asarray(x), k, s, p, ceil)), ref_y)
+
+
+def test_pool_gradient_goes_to_argmax_only():
+  x = jnp.asarray(_rng(5).integers(0, 3, (1, 5, 7, 2)).astype(np.float32))
+  g = jnp.asarray(_rng(6).standard_normal((1, 3, 4, 2)).astype(np.float32))
+  _, idx = layers.max_pool_with_argmax(x, 2, 2, ceil_mode=True)
+  grad = jax.grad(lambda x: jnp.sum(
+      layers.max_pool_with_argmax(x, 2, 2, ceil_mode=True)[0] * g))(x)
+  ref = np.zeros((1, 35, 2), np.float32)
+  for i, j, c in itertools.product(range(3), range(4), range(2)):
+    ref[0, int(idx[0, i, j, c]), c] += g[0, i, j, c]
+  np.testing.assert_allclose(np.asarray(grad).reshape(1, 35, 2), ref)
+
+
+def test_max_unpool_scatters_and_differentiates():
+  r = _rng(7)
+  x = jnp.asarray(r.standard_normal((2, 7, 9, 3)).astype(np.float32))
+  y, idx = layers.max_pool_with_argmax(x, 2, 2)
+  un = np.asarray(layers.max_unpool(y, idx, (7, 9)))
+  ref = np.zeros((2, 63, 3), np.float32)
+  yi, ii = np.asarray(y), np.asarray(idx)
+  for b, i, j, c in itertools.product(range(2), range(3), range(4), range(3)):
+    ref[b, ii[b, i, j, c], c] = yi[b, i, j, c]
+  np.testing.assert_array_equal(un, ref.reshape(2, 7, 9, 3))
+  # Max positions keep x, all else is zero; the odd last row/col is zero.
+  assert (un[:, 6] == 0).all() and (un[:, :, 8] == 0).all()
+  assert np.count_nonzero(un) == y.size
+  # d/dy of sum(unpool(y) * g) = g gathered at the indices.
+  g = jnp.asarray(r.standard_normal((2, 7, 9, 3)).astype(np.float32))
+  dy = jax.grad(lambda y: jnp.sum(layers.max_unpool(y, idx, (7, 9)) * g))(y)
+  gathered = np.take_along_axis(np.asarray(g).reshape(2, 63, 3),
+                                ii.reshape(2, 12, 3), axis=1)
+  np.testing.assert_allclose(np.asarray(dy).reshape(2, 12, 3), gathered)
+
+
+def test_max_unpool_shape_mismatch():
+  with pytest.raises(ValueError, match='indices'):
+    layers.max_unpool(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 3, 1),
+                                                         jnp.int32), (4, 4))
+
+
+def test_pool_too_small_raises():
+  with pytest.raises(ValueError, match='window'):
+    layers.max_pool(jnp.zeros((1, 1, 1, 1)), 3, 2)
+
+
+# -------------------------------------------------------------------- resize
+
+
+@pytest.mark.parametrize('h,w,oh,ow', [(5, 7, 11, 3), (8, 8, 16, 16),
+                                       (9, 4, 9, 4), (6, 10, 4, 23)])
+def test_resize_nearest_is_torch_legacy(h, w, oh, ow):
+  x = jnp.asarray(_rng(8).standard_normal((2, h, w, 3)).astype(np.float32))
+  y = np.asarray(layers.resize(x, (oh, ow), 'nearest'))
+  rows, cols = np.arange(oh) * h // oh, np.arange(ow) * w // ow
+  np.testing.assert_array_equal(y, np.asarray(x)[:, rows][:, :, cols])
+
+
+def test_resize_nearest_float32_rounding_like_torch():
+  # torch computes floor(dst * float32(in / out)); for 2 -> 82 rows that
+  # sends dst 41 to source 0, not floor(41 * 2 / 82) = 1 (checked against
+  # torch 2.13's F.interpolate).
+  x = jnp.arange(2.)[None, :, None, None]
+  y = np.asarray(layers.resize(x, (82, 1), 'nearest'))[0, :, 0, 0]
+  assert y[41] == 0 and y[40] == 0 and y[42] == 1
+  assert (y[:41] == 0).all() and (y[42:] == 1).all()
+
+
+def test_resize_nearest_differs_from_jax_image():
+  # jax.image.resize uses half-pixel nearest; torch's legacy mode does not.
+  x = jnp.arange(5.)[None, :, None, None]
+  ours = np.asarray(layers.resize(x, (3, 1), 'nearest')).ravel()
+  np.testing.assert_array_equal(ours, [0, 1, 3])
+  theirs = np.asarray(jax.image.resize(x, (1, 3, 1, 1), 'nearest')).ravel()
+  assert not np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize('align', [False, True])
+@pytest.mark.parametrize('h,w,oh,ow', [(4, 5, 9, 13), (9, 12, 4, 5),
+                                       (1, 3, 4, 1), (6, 6, 6, 6)])
+def test_resize_bilinear(h, w, oh, ow, align):
+  x = _rng(9).standard_normal((2, h, w, 3)).astype(np.float32)
+  y = np.asarray(layers.resize(jnp.asarray(x), (oh, ow), 'bilinear', align))
+  np.testing.assert_allclose(y, np_bilinear(x, oh, ow, align), atol=1e-5)
+  if not align:
+    ref = jax.image.resize(x, (2, oh, ow, 3), 'bilinear', antialias=False)
+    np.testing.assert_allclose(y, np.asarray(ref), atol=1e-5)
+
+
+def test_resize_bf16_and_errors():
+  x = jnp.ones((1, 4, 4, 2), jnp.bfloat16)
+  assert layers.resize(x, (8, 8)).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="'nearest' or 'bilinear'"):
+    layers.resize(x, (8, 8), 'bicubic')
+  with pytest.raises(ValueError, match='align_corners'):
+    layers.resize(x, (8, 8), 'nearest', align_corners=True)
+  with pytest.raises(ValueError, match='positive'):
+    layers.resize(x, (0, 8))
+
+
+def test_crop_and_center_crop():
+  x = jnp.arange(2 * 6 * 7 * 1).reshape(2, 6, 7, 1)
+  np.testing.assert_array_equal(layers.crop(x, (1, 2), (3, 4)),
+                                np.asarray(x)[:, 1:4, 2:6])
+  np.testing.assert_array_equal(layers.center_crop(x, (4, 4)),
+                                np.asarray(x)[:, 1:5, 1:5])
+  with pytest.raises(ValueError, match='does not fit'):
+    layers.crop(x, 3, (4, 4))
