@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from semseg_jax.models import layers
 from semseg_jax.models.output import SegmentationOutput
 
 LossFn = Callable[[SegmentationOutput, jax.Array],
@@ -129,35 +130,6 @@ def bootstrapped_cross_entropy(logits: jax.Array,
   return jnp.mean(top.sum(axis=1) / k)
 
 
-def _interp_matrix(out_size: int, in_size: int) -> np.ndarray:
-  """``[out, in]`` linear-interpolation weights, align_corners=True."""
-  m = np.zeros((out_size, in_size), np.float32)
-  if in_size == 1 or out_size == 1:
-    m[:, 0] = 1.0
-    return m
-  src = np.arange(out_size) * (in_size - 1) / (out_size - 1)
-  lo = np.minimum(np.floor(src).astype(int), in_size - 2)
-  frac = (src - lo).astype(np.float32)
-  m[np.arange(out_size), lo] = 1.0 - frac
-  m[np.arange(out_size), lo + 1] += frac
-  return m
-
-
-def _resize_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Bilinear resize of ``[B, h, w, C]`` to ``[B, *size, C]``, float32.
-
-  Matches ``F.interpolate(mode='bilinear', align_corners=True)``, which
-  pytorch-semseg's ``cross_entropy2d`` applies to logits smaller than the
-  labels. Separable: two small matmuls with static weights.
-  TODO(lead): dedupe with the shared resize in models/layers.py.
-  """
-  x = x.astype(jnp.float32)
-  my = jnp.asarray(_interp_matrix(size[0], x.shape[1]))
-  mx = jnp.asarray(_interp_matrix(size[1], x.shape[2]))
-  x = jnp.einsum('Yh,bhwc->bYwc', my, x, precision=jax.lax.Precision.HIGHEST)
-  return jnp.einsum('Xw,bYwc->bYXc', mx, x, precision=jax.lax.Precision.HIGHEST)
-
-
 _LOSSES = ('cross_entropy', 'bootstrapped_cross_entropy')
 
 
@@ -212,7 +184,9 @@ def segmentation_loss(output: SegmentationOutput,
 
   def term(logits):
     if logits.shape[1:3] != labels.shape[1:3]:
-      logits = _resize_align_corners(logits, labels.shape[1:3])
+      # pytorch-semseg's cross_entropy2d: bilinear, align_corners=True, in float32.
+      logits = layers.resize(logits.astype(jnp.float32), labels.shape[1:3], 'bilinear',
+                             align_corners=True)
     return fn(logits, labels)
 
   terms = {'main': term(output.logits)}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from semseg_jax import losses
+from semseg_jax.models import layers
 from semseg_jax.models.output import SegmentationOutput
 
 
@@ -170,12 +171,12 @@ def test_bootstrapped_bad_k(k):
 
 def test_resize_align_corners_matches_reference():
   x = np.random.default_rng(5).normal(size=(2, 3, 4, 2)).astype(np.float32)
-  got = losses._resize_align_corners(jnp.asarray(x), (7, 5))
+  got = layers.resize(jnp.asarray(x), (7, 5), 'bilinear', align_corners=True)
   np.testing.assert_allclose(got, _np_resize_align_corners(x, 7, 5),
                              atol=1e-6)
   # 2x2 -> 3x3: the centre is the mean of the four corners.
   sq = np.arange(4, dtype=np.float32).reshape(1, 2, 2, 1)
-  got = losses._resize_align_corners(jnp.asarray(sq), (3, 3))
+  got = layers.resize(jnp.asarray(sq), (3, 3), 'bilinear', align_corners=True)
   assert got[0, 1, 1, 0] == pytest.approx(1.5)
   np.testing.assert_array_equal(got[0, ::2, ::2, 0], sq[0, :, :, 0])
 
