@@ -74,7 +74,9 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   """
   _check_compatible(manager, step, abstract_state)
   items = {'state': ocp.args.StandardRestore(abstract_state)}
-  if data_iterator is not None:
+  # Converted weights (python -m semseg_jax.convert) have no data state: start the data afresh.
+  if data_iterator is not None and os.path.isdir(
+      os.path.join(str(manager.directory), str(step), 'data')):
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   logging.info('restored checkpoint step %d from %s', step, manager.directory)

@@ -107,7 +107,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
                              batch_stats=variables.get('batch_stats', {}))
 
   init_fn = jax.jit(init, out_shardings=sharding.replicated(mesh))
-  rng = jax.random.key(config.seed)
+  # 'rbg' keys compile init several times faster than threefry on CPU (VGG: 8.7 s -> 1.5 s).
+  rng = jax.random.key(config.seed, impl='rbg')
   if abstract:
     shapes = jax.eval_shape(init_fn, rng)
     repl = sharding.replicated(mesh)
