@@ -24,7 +24,7 @@ import testing_utils
 from semseg_jax import config as config_lib
 from semseg_jax import train
 from semseg_jax.convert import resnet as convert_resnet
-from semseg_jax.convert.ptsemseg import _fill  # pylint: disable=protected-access
+from semseg_jax.convert.ptsemseg import fill
 from semseg_jax.convert.ptsemseg import Rule
 from semseg_jax.models import get_model
 from semseg_jax.models.backbones.resnet import ResNet
@@ -282,7 +282,7 @@ def test_parity_with_the_authors_pytorch_linknet(hw, tmp_path):
     x, ref = d['x'].transpose(0, 2, 3, 1), d['y/logits'].transpose(0, 2, 3, 1)
   model = get_model('linknet', 5, width_mult=TINY)
   target = traverse_util.flatten_dict(dict(_shapes(model, hw)[0]))
-  flat = _fill(sd, _authors_rules(), target, 'linknet')
+  flat = fill(sd, _authors_rules(), target, 'linknet')
   v = traverse_util.unflatten_dict({k: jnp.asarray(a) for k, a in flat.items()})
   y = jax.jit(lambda v, x: model.apply(v, x, train=False).logits)(v, x)
   assert y.shape == ref.shape

@@ -25,13 +25,7 @@ from typing import Any, Mapping
 from semseg_jax.convert import ptsemseg
 from semseg_jax.convert.ptsemseg import ArchSpec
 from semseg_jax.convert.ptsemseg import Rule
-from semseg_jax.convert.ptsemseg import Tensor
 from semseg_jax.models.frrn import SPECS
-
-# GroupNorm has an affine scale and shift and no running statistics.
-# TODO(lead): move this kind into ptsemseg.KINDS.
-ptsemseg.KINDS.setdefault('gn', (Tensor('weight', 'params', 'scale'),
-                                 Tensor('bias', 'params', 'bias')))
 
 
 def _conv_norm(torch_prefix: str, flax_path: tuple[str, ...], relu: bool,

@@ -92,6 +92,9 @@ KINDS: dict[str, tuple[Tensor, ...]] = {
            Tensor('bias', 'params', 'bias'),
            Tensor('running_mean', 'batch_stats', 'mean'),
            Tensor('running_var', 'batch_stats', 'var')),
+    # GroupNorm: an affine scale and shift, no running statistics.
+    'gn': (Tensor('weight', 'params', 'scale'),
+           Tensor('bias', 'params', 'bias')),
     'linear': (Tensor('weight', 'params', 'kernel', _linear_to_flax,
                       lambda k: k.T),
                Tensor('bias', 'params', 'bias')),
@@ -209,8 +212,8 @@ def _to_numpy(v: Any) -> np.ndarray:
   return np.asarray(v)
 
 
-def _normalise(state_dict: Mapping[str, Any],
-               what: str) -> dict[str, np.ndarray]:
+def normalise(state_dict: Mapping[str, Any],
+              what: str) -> dict[str, np.ndarray]:
   """Strips ``module.`` (DataParallel), converts to numpy, drops ignored."""
   out = {}
   for key, value in state_dict.items():
@@ -224,8 +227,8 @@ def _normalise(state_dict: Mapping[str, Any],
   return out
 
 
-def _fill(sd: dict[str, np.ndarray], rules: Sequence[Rule],
-          flat_target: Mapping[Path, Any], what: str) -> dict[Path, np.ndarray]:
+def fill(sd: dict[str, np.ndarray], rules: Sequence[Rule],
+         flat_target: Mapping[Path, Any], what: str) -> dict[Path, np.ndarray]:
   """Maps upstream tensors onto ``flat_target``'s leaves (strictly)."""
   out: dict[Path, np.ndarray] = {}
   used: set[str] = set()
@@ -317,14 +320,14 @@ def from_ptsemseg(state_dict: Mapping[str, Any], arch: str,
     ValueError: unknown arch, missing/unexpected key or shape mismatch.
   """
   spec = _spec(arch)
-  sd = _normalise(state_dict, arch)
+  sd = normalise(state_dict, arch)
   if 'num_classes' not in model_kwargs:
     if spec.num_classes_key not in sd:
       raise ValueError(f'{arch}: missing key {spec.num_classes_key!r} in the '
                        'state dict (it gives num_classes)')
     model_kwargs['num_classes'] = int(sd[spec.num_classes_key].shape[0])
   module = build(arch, **model_kwargs)
-  flat = _fill(sd, spec.rules, _target(module, spec), arch)
+  flat = fill(sd, spec.rules, _target(module, spec), arch)
   variables = traverse_util.unflatten_dict(
       {k: jnp.asarray(v) for k, v in flat.items()})
   return module, variables
@@ -384,7 +387,7 @@ def vgg16(state_dict: Mapping[str, Any],
     ValueError: missing/unexpected key or a shape mismatch, naming it.
   """
   what = 'vgg16'
-  sd = _normalise(state_dict, what)
+  sd = normalise(state_dict, what)
   fc8 = {k: sd.pop(k) for k in ('classifier.6.weight', 'classifier.6.bias')
          if k in sd}
   if params is None:
@@ -407,7 +410,7 @@ def vgg16(state_dict: Mapping[str, Any],
       sd[key] = fc8[key][:k]
     targets.update({('params', *p): v for p, v in flat_params.items()
                     if p[0] == 'score_fr'})
-  filled = _fill(sd, rules, targets, what)
+  filled = fill(sd, rules, targets, what)
   new = {p[1:]: jnp.asarray(v) for p, v in filled.items()}
   if params is None:
     return traverse_util.unflatten_dict(new)

@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semseg_jax.convert.ptsemseg import _fill  # pylint: disable=protected-access
-from semseg_jax.convert.ptsemseg import _normalise  # pylint: disable=protected-access
+from semseg_jax.convert.ptsemseg import fill
+from semseg_jax.convert.ptsemseg import normalise
 from semseg_jax.convert.ptsemseg import KINDS
 from semseg_jax.convert.ptsemseg import Rule
 from semseg_jax.models.backbones import resnet as resnet_lib
@@ -134,9 +134,9 @@ def torchvision_resnet(state_dict: Mapping[str, Any], depth: int | None = None,
     ValueError: unknown depth, missing/unexpected key or a shape mismatch.
   """
   what = 'torchvision resnet'
-  sd = _drop_fc(_normalise(state_dict, what))
+  sd = _drop_fc(normalise(state_dict, what))
   depth = infer_depth(sd) if depth is None else depth
-  flat = _fill(sd, resnet_rules(depth), _backbone_targets(depth, width_mult),
+  flat = fill(sd, resnet_rules(depth), _backbone_targets(depth, width_mult),
                f'{what}{depth}')
   return traverse_util.unflatten_dict(
       {k: jnp.asarray(v) for k, v in flat.items()})
@@ -215,8 +215,8 @@ def load_backbone(variables: Mapping[str, Any], state_dict: Mapping[str, Any],
   n = len(path)
   targets = {k: v for k, v in flat.items() if k[1:1 + n] == path}
   what = f'torchvision resnet{depth} -> {"/".join(path)}'
-  sd = _drop_fc(_normalise(state_dict, what))
-  filled = _fill(sd, resnet_rules(depth, path), targets, what)
+  sd = _drop_fc(normalise(state_dict, what))
+  filled = fill(sd, resnet_rules(depth, path), targets, what)
   new = {**flat, **{k: jnp.asarray(v) for k, v in filled.items()}}
   return traverse_util.unflatten_dict(new)
 

@@ -68,7 +68,7 @@ def init_from_vgg16(params: Mapping[str, Any],
   """
   what = 'segnet vgg16'
   # pylint: disable=protected-access
-  sd = ptsemseg._normalise(vgg_state_dict, what)
+  sd = ptsemseg.normalise(vgg_state_dict, what)
   for key in _TV_CLASSIFIER:
     sd.pop(key, None)
   encoder = [(block, i) for block, widths in ENCODER
@@ -78,7 +78,7 @@ def init_from_vgg16(params: Mapping[str, Any],
   flat = traverse_util.flatten_dict(dict(params))
   targets = {('params', *p): v for p, v in flat.items()
              if p[0].startswith('down') and p[2] == 'conv'}
-  filled = ptsemseg._fill(sd, rules, targets, what)
+  filled = ptsemseg.fill(sd, rules, targets, what)
   # pylint: enable=protected-access
   new = {p[1:]: jnp.asarray(v) for p, v in filled.items()}
   return traverse_util.unflatten_dict({**flat, **new})
