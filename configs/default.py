@@ -54,19 +54,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = 2000
   config.seed = 0
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = 'sgd'  # 'sgd' (momentum), 'adam' or 'adamw'.
+  config.optimizer.name = 'sgd'  # 'sgd' (momentum), 'adam', 'adamw' or 'rmsprop'.
   config.optimizer.learning_rate = 0.01  # Peak learning rate (after warm-up).
-  config.optimizer.momentum = 0.9  # sgd only.
+  config.optimizer.momentum = 0.9  # sgd and rmsprop (0 = none).
   config.optimizer.nesterov = False  # sgd only.
   config.optimizer.b1 = 0.9  # adam(w) only.
   config.optimizer.b2 = 0.999  # adam(w) only.
+  config.optimizer.rmsprop_decay = 0.99  # rmsprop only: squared-gradient average (torch alpha).
+  config.optimizer.eps = 1e-8  # adam(w) and rmsprop: added to the root (PyTorch's placement).
   config.optimizer.weight_decay = 5e-4  # L2 added to the gradient (sgd/adam), decoupled (adamw).
   config.optimizer.grad_clip_norm = 0.0  # Clip the global gradient norm; 0 = off.
   config.schedule = ml_collections.ConfigDict()
-  config.schedule.name = 'poly'  # 'poly', 'cosine' or 'constant'.
+  config.schedule.name = 'poly'  # 'poly', 'cosine', 'step', 'exponential' or 'constant'.
   config.schedule.warmup_steps = 0  # Linear warm-up from 0 to the peak.
   config.schedule.power = 0.9  # poly only: lr * (1 - t/T) ** power.
   config.schedule.end_lr_factor = 0.0  # Final lr as a fraction of the peak (poly, cosine).
+  config.schedule.boundaries = ()  # step only: steps at which lr is multiplied by decay_factor.
+  config.schedule.decay_factor = 0.1  # step: per boundary; exponential: per decay_steps.
+  config.schedule.decay_steps = 1000  # exponential only: lr * decay_factor ** (t / decay_steps).
 
   # --- bookkeeping
   config.log_every_steps = 50

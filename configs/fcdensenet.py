@@ -12,10 +12,9 @@ images at lr 1e-4 (run that second stage with
 `--config.dataset.image_size=(360,480) --config.batch_size=1
 --config.optimizer.learning_rate=1e-4`, restoring the first stage's weights).
 
-Differences from the paper, all forced by the trainer's option set: Adam
-instead of RMSprop (no 'rmsprop' optimizer here), and a cosine decay to the
-same final factor (0.995 ** 750 = 0.023) instead of a per-epoch exponential
-decay; no early stopping (keep the best-mIoU checkpoint: eval_checkpoint=best).
+Differences from the paper: Lasagne's RMSprop adds its epsilon inside the
+square root, ours outside (PyTorch's placement); no early stopping (keep the
+best-mIoU checkpoint: eval_checkpoint=best).
 
 Dataset: build `camvid` with TFDS first (README, "Datasets"); its void label
 is 255 (ignored), as the paper ignores void.
@@ -61,14 +60,18 @@ def get_config(arg=None):
   config.batch_size = _BATCH  # Paper: batch 3 (the authors' config file: 5).
   config.eval_batch_size = 1  # Full 360x480 images, one at a time as in the paper.
   config.num_train_steps = _EPOCHS * -(-_CAMVID_TRAIN_IMAGES // _BATCH)  # 750 epochs = 92,250.
-  config.optimizer.name = 'adam'  # Paper: RMSprop (not offered by the trainer).
+  config.optimizer.name = 'rmsprop'  # Paper: RMSprop (Lasagne defaults: rho 0.9, eps 1e-6).
+  config.optimizer.rmsprop_decay = 0.9
+  config.optimizer.eps = 1e-6
+  config.optimizer.momentum = 0.0
   config.optimizer.learning_rate = 1e-3  # Paper: 1e-3.
   # Paper: loss + 1e-4 * sum(w ** 2) over conv kernels, i.e. a gradient of
   # 2e-4 * w (here applied to biases and BatchNorm parameters too).
   config.optimizer.weight_decay = 2e-4
-  config.schedule.name = 'cosine'  # Paper: lr * 0.995 ** epoch.
+  config.schedule.name = 'exponential'  # Paper: lr * 0.995 ** epoch.
   config.schedule.warmup_steps = 0
-  config.schedule.end_lr_factor = 0.995 ** _EPOCHS  # 0.023, the paper's lr after 750 epochs.
+  config.schedule.decay_factor = 0.995
+  config.schedule.decay_steps = -(-_CAMVID_TRAIN_IMAGES // _BATCH)  # One epoch.
   config.loss.class_weights = None  # Paper: plain cross-entropy, void ignored.
   config.log_every_steps = 100
   config.eval_every_steps = 10 * -(-_CAMVID_TRAIN_IMAGES // _BATCH)  # Every 10 epochs.

@@ -14,9 +14,8 @@ hardest 12.5% / 6.25% of the pixels). Validation runs at the same
 subsampled resolution (our eval pipeline shrinks images to
 ``dataset.image_size``).
 
-Differences: their code trains until stopped by hand and steps the rate
-once; our schedules have no step decay, so a cosine from 1e-3 to 1e-4 over
-90k steps spans the same range. They augment with gamma changes (+-0.05)
+Differences: their code trains until stopped by hand (we stop at 90k steps).
+They augment with gamma changes (+-0.05)
 and translations of up to 20 px, which our pipeline does not have; we use
 no augmentation rather than a different one. pytorch-semseg's own
 configs/frrnB_cityscapes.yml (SGD, lr 1e-4, momentum 0.99, batch 2, plain
@@ -66,8 +65,9 @@ def get_config(arg=None):
   config.optimizer.name = 'adam'
   config.optimizer.learning_rate = 1e-3  # Authors' Adam rate.
   config.optimizer.weight_decay = 0.0  # None in the authors' code.
-  config.schedule.name = 'cosine'  # Stands in for their 1e-3 -> 1e-4 step.
-  config.schedule.end_lr_factor = 0.1
+  config.schedule.name = 'step'  # Authors: 1e-3, then 1e-4 after 45k iterations.
+  config.schedule.boundaries = (45_000,)
+  config.schedule.decay_factor = 0.1
   config.log_every_steps = 50
   config.eval_every_steps = 2500
   config.checkpoint_every_steps = 2500

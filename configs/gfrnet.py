@@ -9,8 +9,7 @@ SegNet (367 train / 233 test images, 360x480, class 11 'void' ignored), whole
 images without augmentation, batch 6, SGD lr 1e-3 momentum 0.9 weight decay
 5e-4 for 150k iterations, median-frequency class weights, and the six stage
 losses summed with weight 1. The released solver drops the learning rate
-x0.1 every 50k steps; our trainer has no step schedule, so poly decay stands
-in for it. The paper initialises the encoder from ImageNet VGG16.
+x0.1 every 50k steps, and so do we. The paper initialises the encoder from ImageNet VGG16.
 
 VOC (`:voc`): the paper reports VOC 2012 results but the authors released no
 VOC recipe; we keep the CamVid solver and add the usual VOC augmentation
@@ -49,8 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 1e-3  # Released solver: base_lr 0.001.
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 5e-4
-  config.schedule.name = 'poly'  # Released: step x0.1 every 50k (no 'step' here).
-  config.schedule.power = 0.9
+  config.schedule.name = 'step'  # Released solver: x0.1 every 50k steps.
+  config.schedule.boundaries = (50_000, 100_000)
+  config.schedule.decay_factor = 0.1
   config.num_train_steps = 150_000  # Released solver: max_iter 150k.
   config.batch_size = 6  # Released train prototxt: batch_size 6.
   config.log_every_steps = 50

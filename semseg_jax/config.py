@@ -17,8 +17,8 @@ _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 _CHOICES = {
     'dtype': ('float32', 'bfloat16'),
-    'optimizer.name': ('sgd', 'adam', 'adamw'),
-    'schedule.name': ('poly', 'cosine', 'constant'),
+    'optimizer.name': ('sgd', 'adam', 'adamw', 'rmsprop'),
+    'schedule.name': ('poly', 'cosine', 'step', 'exponential', 'constant'),
     'loss.name': ('cross_entropy', 'bootstrapped_cross_entropy'),
     'eval_checkpoint': ('latest', 'best'),
 }
@@ -109,6 +109,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if weights is not None and len(weights) != config.num_classes:
     raise ConfigError(f'config.loss.class_weights has {len(weights)} entries, '
                       f'config.num_classes={config.num_classes}')
+  boundaries = tuple(config.schedule.boundaries)
+  if any(b2 <= b1 for b1, b2 in zip(boundaries, boundaries[1:])) or any(b <= 0 for b in boundaries):
+    raise ConfigError(f'config.schedule.boundaries={boundaries} must be increasing positive steps')
   if config.optimizer.learning_rate <= 0:
     raise ConfigError(f'config.optimizer.learning_rate={config.optimizer.learning_rate} '
                       'must be positive')

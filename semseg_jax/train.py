@@ -50,6 +50,12 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
     main = optax.polynomial_schedule(peak, end, sched.power, decay_steps)
   elif sched.name == 'cosine':
     main = optax.cosine_decay_schedule(peak, decay_steps, alpha=sched.end_lr_factor)
+  elif sched.name == 'step':
+    # Boundaries are absolute steps; warm-up shifts none of them.
+    main = optax.piecewise_constant_schedule(
+        peak, {int(b) - warmup: sched.decay_factor for b in sched.boundaries if b > warmup})
+  elif sched.name == 'exponential':
+    main = optax.exponential_decay(peak, sched.decay_steps, sched.decay_factor)
   elif sched.name == 'constant':
     main = optax.constant_schedule(peak)
   else:
@@ -61,17 +67,18 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with momentum, Adam or AdamW, with optional global-norm clipping.
+  """SGD with momentum, Adam, AdamW or RMSProp, with optional global-norm clipping.
 
   ``weight_decay`` applies to every parameter, as PyTorch's optimizers (and so
-  pytorch-semseg) do: added to the gradient for sgd/adam, decoupled for adamw.
+  pytorch-semseg) do: added to the gradient for sgd/adam/rmsprop, decoupled for
+  adamw. ``eps`` is added outside the square root, as in PyTorch.
   """
   opt = config.optimizer
   chain = []
   if opt.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(opt.grad_clip_norm))
   if opt.name == 'adamw':
-    chain.append(optax.adamw(learning_rate_fn, b1=opt.b1, b2=opt.b2,
+    chain.append(optax.adamw(learning_rate_fn, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                              weight_decay=opt.weight_decay))
   else:
     if opt.weight_decay > 0:
@@ -80,7 +87,10 @@ def create_optimizer(config: ml_collections.ConfigDict,
       chain.append(optax.sgd(learning_rate_fn, momentum=opt.momentum or None,
                              nesterov=opt.nesterov))
     elif opt.name == 'adam':
-      chain.append(optax.adam(learning_rate_fn, b1=opt.b1, b2=opt.b2))
+      chain.append(optax.adam(learning_rate_fn, b1=opt.b1, b2=opt.b2, eps=opt.eps))
+    elif opt.name == 'rmsprop':
+      chain.append(optax.rmsprop(learning_rate_fn, decay=opt.rmsprop_decay, eps=opt.eps,
+                                 eps_in_sqrt=False, momentum=opt.momentum or None))
     else:
       raise config_lib.ConfigError(f'config.optimizer.name={opt.name!r} is unknown')
   return optax.chain(*chain)

@@ -39,7 +39,32 @@ def test_cosine_schedule_ends_at_end_factor():
   np.testing.assert_allclose(float(lr(50)), 0.1, rtol=1e-5)
 
 
-@pytest.mark.parametrize('name', ['sgd', 'adam', 'adamw'])
+def test_step_and_exponential_schedules():
+  config = tiny_config(**{'num_train_steps': 100, 'schedule.name': 'step',
+                          'schedule.boundaries': (30, 60), 'schedule.decay_factor': 0.1,
+                          'optimizer.learning_rate': 1.0})
+  lr = train.create_learning_rate_fn(config)
+  np.testing.assert_allclose([float(lr(s)) for s in (0, 29, 30, 59, 60, 99)],
+                             [1, 1, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+  config = tiny_config(**{'schedule.name': 'exponential', 'schedule.decay_steps': 10,
+                          'schedule.decay_factor': 0.5, 'optimizer.learning_rate': 1.0})
+  np.testing.assert_allclose(float(train.create_learning_rate_fn(config)(15)), 0.5 ** 1.5,
+                             rtol=1e-6)
+
+
+def test_rmsprop_matches_pytorch_update():
+  # torch.optim.RMSprop(alpha=0.99, eps=1e-8), first step: g / (sqrt(0.01 g^2) + eps).
+  config = tiny_config(**{'optimizer.name': 'rmsprop', 'optimizer.momentum': 0.0,
+                          'optimizer.weight_decay': 0.0, 'optimizer.learning_rate': 0.1,
+                          'schedule.name': 'constant'})
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+  g = np.array([0.5, -2.0], np.float32)
+  updates, _ = tx.update({'w': g}, tx.init({'w': np.zeros(2, np.float32)}))
+  np.testing.assert_allclose(updates['w'], -0.1 * g / (np.sqrt(0.01 * g * g) + 1e-8),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adam', 'adamw', 'rmsprop'])
 def test_optimizers_build_and_clip(name):
   config = tiny_config(**{'optimizer.name': name, 'optimizer.grad_clip_norm': 1.0})
   tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
