@@ -31,6 +31,14 @@ class ConfigError(ValueError):
   """A config key is unknown, has the wrong type or an impossible value."""
 
 
+def _split_arg(path_or_name: str) -> tuple[str, str | None]:
+  """``'configs/pspnet.py:ade20k'`` -> (path, 'ade20k'), as ml_collections' flags do."""
+  if ':' in path_or_name and not os.path.isfile(path_or_name):
+    path, arg = path_or_name.rsplit(':', 1)
+    return path, arg
+  return path_or_name, None
+
+
 def _resolve(path_or_name: str) -> str:
   if os.path.isfile(path_or_name):
     return path_or_name
@@ -47,18 +55,20 @@ def load_config(path_or_name: str, overrides: Mapping[str, Any] | None = None
   """Loads ``get_config()`` from a file (or ``configs/<name>.py``) and applies overrides.
 
   Args:
-    path_or_name: a path to a config file, or a name such as ``'fcn8s'``.
+    path_or_name: a path to a config file, or a name such as ``'fcn8s'``,
+      optionally with ``:ARG`` passed to ``get_config(ARG)`` (``'pspnet:ade20k'``).
     overrides: dotted keys to new values, e.g. ``{'model.name': 'fcn16s'}``.
 
   Returns:
     The locked config (adding a key is an error), validated.
   """
+  path_or_name, arg = _split_arg(path_or_name)
   path = _resolve(path_or_name)
   spec = importlib.util.spec_from_file_location(
       f'semseg_jax_config_{abs(hash(os.path.abspath(path)))}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config() if arg is None else module.get_config(arg)
   config.lock()
   for key, value in (overrides or {}).items():
     set_value(config, key, value)

@@ -41,3 +41,10 @@ def test_bad_overrides_name_the_key(key, value, match):
 def test_unknown_config_name_lists_the_choices():
   with pytest.raises(config_lib.ConfigError, match='quickstart'):
     config_lib.load_config('no_such_config')
+
+
+@pytest.mark.parametrize('name,model', [('pspnet:ade20k', 'pspnet'), ('frrn:A', 'frrnA'),
+                                        ('deeplabv3plus:cityscapes', 'deeplabv3plus')])
+def test_config_arguments_like_ml_collections_flags(name, model):
+  config = config_lib.load_config(name)
+  assert config.model.name == model

@@ -74,3 +74,11 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
   bad.write_bytes(b'not a checkpoint')
   with pytest.raises(ValueError, match='bad.pth'):
     convert_cli.load_torch_state_dict(str(bad))
+
+
+@pytest.mark.parametrize('arch', ptsemseg.list_archs())
+def test_every_converter_arch_has_a_loadable_config(arch):
+  from semseg_jax import config as config_lib
+  model_name = ptsemseg.ARCHS[arch].model
+  config = config_lib.load_config(convert_cli.config_for(arch, model_name))
+  assert config.model.name == model_name or convert_cli.config_for(arch, model_name) == 'default'

@@ -4,6 +4,7 @@ from semseg_jax.convert.ptsemseg import ArchSpec
 from semseg_jax.convert.ptsemseg import build
 from semseg_jax.convert.ptsemseg import from_ptsemseg
 from semseg_jax.convert.ptsemseg import KINDS
+from semseg_jax.convert.ptsemseg import list_archs
 from semseg_jax.convert.ptsemseg import register_arch
 from semseg_jax.convert.ptsemseg import Rule
 from semseg_jax.convert.ptsemseg import Tensor
@@ -11,4 +12,4 @@ from semseg_jax.convert.ptsemseg import to_ptsemseg
 from semseg_jax.convert.ptsemseg import vgg16
 
 __all__ = ['ARCHS', 'ArchSpec', 'KINDS', 'Rule', 'Tensor', 'build',
-           'from_ptsemseg', 'register_arch', 'to_ptsemseg', 'vgg16']
+           'from_ptsemseg', 'list_archs', 'register_arch', 'to_ptsemseg', 'vgg16']

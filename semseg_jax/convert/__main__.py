@@ -53,6 +53,20 @@ def module_options(module) -> dict[str, Any]:
           if f.init and f.name not in skip}
 
 
+# The config file (with its argument) of each converter arch; others use configs/<model>.py.
+ARCH_CONFIGS = {'pspnet_ade20k': 'pspnet:ade20k', 'icnet': 'icnet:merged', 'icnetBN': 'icnet',
+                'frrnA': 'frrn:A', 'frrnB': 'frrn:B', 'frrnA_gn': 'frrn:A', 'frrnB_gn': 'frrn:B'}
+
+
+def config_for(arch: str, model_name: str) -> str:
+  """The config name for ``arch``: its entry in ARCH_CONFIGS, configs/<model>.py or default."""
+  from semseg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  if arch in ARCH_CONFIGS:
+    return ARCH_CONFIGS[arch]
+  own = os.path.join(config_lib._CONFIG_DIR, f'{model_name}.py')  # pylint: disable=protected-access
+  return model_name if os.path.exists(own) else 'default'
+
+
 def write_workdir(module, variables: dict[str, Any], model_name: str, output: str,
                   config_name: str | None = None) -> str:
   """Saves ``variables`` as step 0 of a workdir that eval/predict/fine-tuning accept."""
@@ -63,10 +77,7 @@ def write_workdir(module, variables: dict[str, Any], model_name: str, output: st
   from semseg_jax import sharding  # pylint: disable=g-import-not-at-top
   from semseg_jax import train  # pylint: disable=g-import-not-at-top
 
-  if config_name is None:
-    config_name = model_name if os.path.exists(
-        os.path.join(config_lib._CONFIG_DIR, f'{model_name}.py')) else 'default'  # pylint: disable=protected-access
-  config = config_lib.load_config(config_name)
+  config = config_lib.load_config(config_name or config_for(model_name, model_name))
   config.unlock()
   options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in module_options(module).items()}
   config.model = ml_collections.ConfigDict({'name': model_name, **options})
@@ -98,7 +109,8 @@ def main(argv):
     state_dict = load_torch_state_dict(FLAGS.checkpoint)
     module, variables = ptsemseg.from_ptsemseg(state_dict, FLAGS.arch)
     model_name = ptsemseg.ARCHS[FLAGS.arch].model
-    write_workdir(module, variables, model_name, FLAGS.output, FLAGS.config)
+    write_workdir(module, variables, model_name, FLAGS.output,
+                  FLAGS.config or config_for(FLAGS.arch, model_name))
   except (ValueError, ImportError, OSError) as e:
     sys.exit(f'error: {e}')
   print(f'wrote {FLAGS.output} ({FLAGS.arch}, {module.num_classes} classes); evaluate with: '

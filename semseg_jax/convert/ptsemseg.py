@@ -274,6 +274,12 @@ def _load_rule_modules() -> None:
       importlib.import_module(module)
 
 
+def list_archs() -> list[str]:
+  """Every upstream architecture the converter knows, sorted."""
+  _load_rule_modules()
+  return sorted(ARCHS)
+
+
 def _spec(arch: str) -> ArchSpec:
   if arch not in ARCHS:
     _load_rule_modules()
