@@ -1,0 +1,1 @@
+"""TFDS builders (ArrayRecord, no TensorFlow), one module per dataset; see ``base.py``."""
