@@ -45,7 +45,7 @@ def test_train_then_eval_then_predict(tmp_path):
   workdir = tmp_path / 'run'
   out = run_main('--config=configs/quickstart.py', f'--workdir={workdir}', *TINY)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert 'mean IoU' in out.stdout or 'mIoU' in out.stdout
+  assert 'Mean IoU' in out.stdout and 'background' in out.stdout
   assert (workdir / 'metrics.jsonl').exists() and (workdir / 'final_eval.json').exists()
 
   # eval: config from the workdir, the table with class names, JSON + Markdown reports.
