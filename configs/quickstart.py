@@ -12,7 +12,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.model.name = 'unet'
-  config.model.feature_scale = 16  # Channels 4, 8, 16, 32, 64.
+  config.model.feature_scale = 8  # Channels 8, 16, 32, 64, 128.
   config.model.padding = 'same'
   config.num_classes = 6
   config.dataset.name = 'shapes'
@@ -20,7 +20,7 @@ def get_config():
   config.dataset.shapes_image_size = (128, 128)
   config.batch_size = 8
   config.eval_batch_size = 20
-  config.num_train_steps = 1500
+  config.num_train_steps = 2000
   config.optimizer.name = 'adam'
   config.optimizer.learning_rate = 3e-3
   config.optimizer.weight_decay = 0.0

@@ -125,6 +125,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.learning_rate <= 0:
     raise ConfigError(f'config.optimizer.learning_rate={config.optimizer.learning_rate} '
                       'must be positive')
+  from semseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top (imports grain)
+  try:
+    pipeline.validate_dataset_config(config.dataset)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _process_count() -> int:

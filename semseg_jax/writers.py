@@ -416,7 +416,8 @@ def create_default_writer(workdir: str | os.PathLike[str],
                           *,
                           just_logging: bool | None = None,
                           jsonl_name: str = 'metrics.jsonl') -> MetricWriter:
-  """The writer the trainer uses: logging + TensorBoard + JSONL in workdir.
+  """The writer the trainer uses: TensorBoard + JSONL in workdir (the trainer logs
+  its own one-line progress), or only logging on processes other than 0.
 
   Args:
     workdir: directory for the event file and ``jsonl_name``.
@@ -430,5 +431,5 @@ def create_default_writer(workdir: str | os.PathLike[str],
   if just_logging:
     return LoggingWriter()
   workdir = os.fspath(workdir)
-  return MultiWriter([LoggingWriter(), TensorBoardWriter(workdir),
+  return MultiWriter([TensorBoardWriter(workdir),
                       JsonlWriter(os.path.join(workdir, jsonl_name))])

@@ -48,3 +48,8 @@ def test_unknown_config_name_lists_the_choices():
 def test_config_arguments_like_ml_collections_flags(name, model):
   config = config_lib.load_config(name)
   assert config.model.name == model
+
+
+def test_dataset_values_are_checked_with_the_config():
+  with pytest.raises(config_lib.ConfigError, match='dataset.scale_range'):
+    config_lib.load_config('quickstart', {'dataset.scale_range': (2.0, 1.0)})
