@@ -2,19 +2,19 @@
 
 The full quickstart (128x128, 2000 steps, ~9 min on 2 CPU cores) reaches val
 mIoU >= 0.80 (experiments/RESULTS.md). Here the same recipe on 48x48 images with
-a narrower U-Net and STEPS steps must clear MIN_MIOU, far above what colour
+STEPS steps must clear MIN_MIOU (measured: 0.63 in 48 s), far above what colour
 alone gives on `shapes` (0.21 mIoU; see test_shapes.py).
 """
 from semseg_jax import train
 from testing_utils import tiny_config
 
-STEPS = 300
+STEPS = 1200
 MIN_MIOU = 0.5
 
 
 def test_quickstart_recipe_learns_shapes(tmp_path):
   config = tiny_config(**{
-      'model.feature_scale': 16,
+      'model.feature_scale': 8,
       'dataset.shapes_image_size': (48, 48),
       'dataset.image_size': (48, 48),
       'dataset.num_train': 2000,
@@ -28,4 +28,4 @@ def test_quickstart_recipe_learns_shapes(tmp_path):
       'schedule.warmup_steps': 20,
   })
   scores = train.train_and_evaluate(config, str(tmp_path))
-  assert scores['mean_iou'] >= MIN_MIOU, scores
+  assert scores["mean_iou"] >= MIN_MIOU, scores
