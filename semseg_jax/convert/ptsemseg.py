@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -269,9 +268,7 @@ _RULE_MODULES = ('segnet', 'frrn', 'pspnet', 'icnet')
 
 def _load_rule_modules() -> None:
   for name in _RULE_MODULES:
-    module = f'semseg_jax.convert.{name}'
-    if importlib.util.find_spec(module) is not None:  # TODO: drop once all exist.
-      importlib.import_module(module)
+    importlib.import_module(f'semseg_jax.convert.{name}')
 
 
 def list_archs() -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -52,8 +51,7 @@ def _load_all():
   global _loaded
   if not _loaded:
     for module in _MODEL_MODULES:
-      if importlib.util.find_spec(module) is not None:  # TODO: drop once all exist.
-        importlib.import_module(module)
+      importlib.import_module(module)
     _loaded = True
 
 
