@@ -32,7 +32,7 @@ def make_tree(root, classes=(13,), numbers=NUMBERS, palette_labels=False):
         img = Image.fromarray(raw, mode='L')
         if palette_labels:  # Upstream labels may be palette PNGs: indices are the ids.
           img = Image.fromarray(raw, mode='P')
-          img.putpalette(nyuv2.pascal_colormap(256).ravel().tolist())
+          img.putpalette(base.voc_colormap(256).ravel().tolist())
         img.save(os.path.join(root, f'{split}_annot', f'new_nyu_class{k}_{n:04d}.png'))
         raws[(k, f'{split}/nyu_rgb_{n:04d}.png')] = raw
   return raws
@@ -88,7 +88,7 @@ def test_pascal_colormap_reference():
       c >>= 3
     return [r, g, b]
 
-  np.testing.assert_array_equal(nyuv2.pascal_colormap(256), [reference(c) for c in range(256)])
+  np.testing.assert_array_equal(base.voc_colormap(256), [reference(c) for c in range(256)])
 
 
 def test_missing_label_stops_or_is_skipped(tmp_path):

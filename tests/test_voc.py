@@ -41,7 +41,7 @@ def _num(i):
 
 def _save_palette_png(path, lab):
   img = Image.fromarray(lab, mode='P')
-  img.putpalette(voc.voc_colormap().reshape(-1).tolist())
+  img.putpalette(base.voc_colormap().reshape(-1).tolist())
   img.save(path)
 
 

@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 
 from semseg_jax import data as data_lib
 from semseg_jax.data.builders import base
-from semseg_jax.data.builders.nyuv2 import missing_label, pascal_colormap, shifted_label_map
+from semseg_jax.data.builders.nyuv2 import shifted_label_map
 
 # The 150 benchmark classes, raw ids 1..150 (objectInfo150 order, first name of each entry).
 CLASS_NAMES = (
@@ -48,7 +48,7 @@ CLASS_NAMES = (
     'clock', 'flag')
 assert len(CLASS_NAMES) == 150
 # Class i is drawn in the VOC colour of raw id i + 1 (so no class is black).
-PALETTE = pascal_colormap(len(CLASS_NAMES), offset=1)
+PALETTE = base.voc_colormap(len(CLASS_NAMES), offset=1)
 
 _ROOT = 'ADEChallengeData2016'
 _ARCHIVE = _ROOT + '.zip'
@@ -109,7 +109,7 @@ class Ade20k(base.SegmentationBuilder):
       if ext.lower() not in ('.jpg', '.jpeg', '.png'):
         continue
       image_path = os.path.join(image_dir, name)
-      label = labels.get(stem) or missing_label(image_path, os.path.join(label_dir, stem + '.png'))
+      label = labels.get(stem) or base.missing_label(image_path, os.path.join(label_dir, stem + '.png'))
       example = self.make_example(image_path, label, f'{folder}/{name}', label_map=table,
                                   split=split)
       if example is not None:

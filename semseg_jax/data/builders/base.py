@@ -335,3 +335,28 @@ def apply_label_map(raw: np.ndarray, table: np.ndarray, name: str) -> np.ndarray
     raise BadInputError(f'{name}: raw label values {_fmt(np.unique(raw[out < 0]))} have no '
                         'class (not in the label table)')
   return out.astype(np.uint8)
+
+
+def voc_colormap(n: int = 256, offset: int = 0) -> np.ndarray:
+  """The PASCAL VOC palette: uint8 ``[n, 3]`` colours of ids ``offset..offset+n-1``.
+
+  Bit ``3k + c`` of the id sets bit ``7 - k`` of channel c (R, G, B), so ids
+  0..20 get the familiar VOC colours and 255 (void) is (224, 224, 192).
+  pytorch-semseg also draws NYUv2 / SUN-RGBD raw ids with it (``offset=1`` keeps
+  class ``i``, raw id ``i + 1``, in its upstream colour).
+  """
+  ids = np.arange(offset, offset + n)
+  cmap = np.zeros((n, 3), np.int64)
+  for k in range(8):
+    for c in range(3):
+      cmap[:, c] |= ((ids >> (3 * k + c)) & 1) << (7 - k)
+  return cmap.astype(np.uint8)
+
+
+def missing_label(image_path: str, expected: str):
+  """A label stand-in that raises (so ``skip_bad`` can skip an image with no label)."""
+
+  def fail() -> np.ndarray:
+    raise BadInputError(f'{image_path}: no label file; expected {expected}')
+
+  return fail

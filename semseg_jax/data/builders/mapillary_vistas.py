@@ -27,7 +27,6 @@ import tensorflow_datasets as tfds
 
 from semseg_jax import data as data_lib
 from semseg_jax.data.builders import base
-from semseg_jax.data.builders.nyuv2 import missing_label
 
 # The 66 labels of config.json v1.2, in label-id order: (name, RGB colour, evaluated).
 LABELS: tuple[tuple[str, tuple[int, int, int], bool], ...] = (
@@ -200,7 +199,7 @@ class MapillaryVistas(base.SegmentationBuilder):
       if ext.lower() not in ('.jpg', '.jpeg', '.png'):
         continue
       image_path, label_path = os.path.join(image_dir, name), os.path.join(label_dir, stem + '.png')
-      label = label_path if os.path.exists(label_path) else missing_label(image_path,
+      label = label_path if os.path.exists(label_path) else base.missing_label(image_path,
                                                                                label_path)
       example = self.make_example(image_path, label, f'{folder}/{name}', label_map=table,
                                   split=split)

@@ -42,22 +42,6 @@ CLASS_NAMES_40 = ('wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', '
 _SPLITS = {'train': 'train', 'test': 'test'}  # TFDS split -> folder.
 
 
-def pascal_colormap(n: int, offset: int = 0) -> np.ndarray:
-  """The PASCAL VOC bit-interleaved colour map: uint8 ``[n, 3]`` colours of ids ``offset..``.
-
-  Colour of id ``c``: bit ``j`` of ``c``'s red/green/blue (bits 0/1/2 of each
-  3-bit group, least significant group first) goes to bit ``7 - j`` of R/G/B.
-  pytorch-semseg draws NYUv2 and SUN-RGBD raw ids with it; we pass
-  ``offset=1`` so class ``i`` (raw id ``i + 1``) keeps its upstream colour.
-  """
-  ids = np.arange(offset, offset + n)
-  cmap = np.zeros((n, 3), np.int64)
-  for j in range(8):
-    for channel in range(3):
-      cmap[:, channel] |= ((ids >> (3 * j + channel)) & 1) << (7 - j)
-  return cmap.astype(np.uint8)
-
-
 def shifted_label_map(num_classes: int) -> np.ndarray:
   """Raw -> class id table for labels with 0 = unlabelled: 0 -> 255, 1..K -> 0..K-1, else -1."""
   table = np.full(256, -1, np.int64)
@@ -98,15 +82,6 @@ def index_by_number(folder: str, suffixes: tuple[str, ...], pattern: re.Pattern[
   return found
 
 
-def missing_label(image_path: str, expected: str):
-  """A label stand-in that raises (so ``skip_bad`` can skip an image with no label)."""
-
-  def fail() -> np.ndarray:
-    raise base.BadInputError(f'{image_path}: no label file; expected {expected}')
-
-  return fail
-
-
 @dataclasses.dataclass
 class Nyuv2Config(tfds.core.BuilderConfig):
   """``num_classes``: 13 or 40, the label set (``new_nyu_class{K}_NNNN.png`` files)."""
@@ -138,7 +113,7 @@ class Nyuv2(base.SegmentationBuilder):
 
   @property
   def PALETTE(self) -> np.ndarray:  # pylint: disable=invalid-name
-    return pascal_colormap(self.builder_config.num_classes, offset=1)
+    return base.voc_colormap(self.builder_config.num_classes, offset=1)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     expected = [p for s in _SPLITS.values() for p in (s, f'{s}_annot')]
@@ -157,7 +132,7 @@ class Nyuv2(base.SegmentationBuilder):
       raise FileNotFoundError(f'no {k}-class labels (new_nyu_class{k}_NNNN.png) in {label_dir}')
     table = shifted_label_map(k)
     for number, image_path in images.items():
-      label = labels.get(number) or missing_label(
+      label = labels.get(number) or base.missing_label(
           image_path, os.path.join(label_dir, f'new_nyu_class{k}_{number:04d}.png'))
       example = self.make_example(image_path, label, f'{folder}/{os.path.basename(image_path)}',
                                   label_map=table, split=split)
@@ -166,8 +141,8 @@ class Nyuv2(base.SegmentationBuilder):
 
 
 data_lib.register_dataset('nyuv2', base.dataset_info('nyuv2', CLASS_NAMES_13,
-                                                     pascal_colormap(13, offset=1)),
+                                                     base.voc_colormap(13, offset=1)),
                           tfds_name='nyuv2/class13')
 data_lib.register_dataset('nyuv2_40', base.dataset_info('nyuv2_40', CLASS_NAMES_40,
-                                                        pascal_colormap(40, offset=1)),
+                                                        base.voc_colormap(40, offset=1)),
                           tfds_name='nyuv2/class40')

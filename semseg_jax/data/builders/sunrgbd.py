@@ -27,12 +27,11 @@ import tensorflow_datasets as tfds
 
 from semseg_jax import data as data_lib
 from semseg_jax.data.builders import base
-from semseg_jax.data.builders.nyuv2 import (CLASS_NAMES_40, index_by_number, missing_label,
-                                            pascal_colormap, shifted_label_map)
+from semseg_jax.data.builders.nyuv2 import CLASS_NAMES_40, index_by_number, shifted_label_map
 
 # The 37 SUN RGB-D classes (raw ids 1..37) are the first 37 of NYUv2's 40.
 CLASS_NAMES = CLASS_NAMES_40[:37]
-PALETTE = pascal_colormap(len(CLASS_NAMES), offset=1)  # pytorch-semseg's colours of raw ids.
+PALETTE = base.voc_colormap(len(CLASS_NAMES), offset=1)  # pytorch-semseg's colours of raw ids.
 
 _SPLITS = {'train': 'train', 'test': 'test'}  # TFDS split -> folder.
 
@@ -71,7 +70,7 @@ class Sunrgbd(base.SegmentationBuilder):
     table = shifted_label_map(len(CLASS_NAMES))
     for number, image_path in images.items():
       stem = os.path.splitext(os.path.basename(image_path))[0]
-      label = labels.get(number) or missing_label(image_path,
+      label = labels.get(number) or base.missing_label(image_path,
                                                   os.path.join(label_dir, stem + '.png'))
       example = self.make_example(image_path, label, f'{folder}/{os.path.basename(image_path)}',
                                   label_map=table, split=split)

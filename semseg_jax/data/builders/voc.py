@@ -36,21 +36,7 @@ CLASS_NAMES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', '
                'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
 
 
-def voc_colormap(n: int = 256) -> np.ndarray:
-  """The VOC palette: uint8 ``[n, 3]``; colour of id i spreads i's bits over R, G, B.
-
-  Bit ``3k + c`` of the id sets bit ``7 - k`` of channel c (R, G, B), so ids
-  0..20 get the familiar VOC colours and 255 (void) is (224, 224, 192).
-  """
-  ids = np.arange(n)
-  cmap = np.zeros((n, 3), np.int64)
-  for k in range(8):
-    for c in range(3):
-      cmap[:, c] |= ((ids >> (3 * k + c)) & 1) << (7 - k)
-  return cmap.astype(np.uint8)
-
-
-PALETTE = voc_colormap(len(CLASS_NAMES))
+PALETTE = base.voc_colormap(len(CLASS_NAMES))
 
 _INSTRUCTIONS = f"""\
 Optional (otherwise both are downloaded): put in manual_dir either the
