@@ -81,4 +81,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_checkpoint = 'latest'  # --mode=eval/predict: 'latest' or 'best'.
   config.num_eval_images_logged = 4  # Validation predictions written as images per eval.
 
+  # --- evaluation / inference (semseg_jax/evaluate.py, inference.py)
+  config.eval = ml_collections.ConfigDict()
+  config.eval.mode = 'whole'  # 'whole' (full image, padded) or 'slide' (windows).
+  config.eval.window = config_dict.placeholder(tuple)  # slide: (H, W); None = dataset.image_size.
+  config.eval.stride = config_dict.placeholder(tuple)  # slide: (H, W); None = 2/3 of window.
+  config.eval.window_batch = 4  # slide: windows run per device call (bounds memory).
+  config.eval.scales = (1.0,)  # Multi-scale: probabilities averaged over these image scales.
+  config.eval.flip = False  # Also average the horizontally flipped prediction.
+
+  # --- reliability and memory (semseg_jax/train.py)
+  config.nan_policy = 'raise'  # Non-finite loss/grad: 'raise' (stop, keep last good) or 'skip'.
+  config.preemption_timeout_secs = 60  # SIGTERM: finish step, checkpoint, exit 0 within this.
+  config.init_from = config_dict.placeholder(str)  # Workdir/checkpoint whose params start training.
+  config.remat = False  # Rematerialise activations per block (jax.checkpoint) to save memory.
+
   return config
