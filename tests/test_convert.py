@@ -5,9 +5,6 @@ a pytorch-semseg work tree and PTSEMSEG_PYTHON a python with torch; the
 oracle script is shared/tools/ptsemseg_oracle.py beside the repository (or
 PTSEMSEG_ORACLE).
 """
-import os
-import pathlib
-import subprocess
 
 from flax import traverse_util
 import jax
@@ -17,6 +14,8 @@ import pytest
 
 from semseg_jax import convert
 from semseg_jax.models import get_model
+from testing_utils import assert_matches_oracle
+from testing_utils import oracle_dump
 
 TINY_FCN = {'width_mult': 1 / 32}
 TINY_UNET = {'feature_scale': 16}
@@ -288,39 +287,13 @@ def test_vgg16_errors():
 # ------------------------------------------------- parity with pytorch-semseg
 
 
-def _oracle():
-  src, py = os.environ.get('PTSEMSEG_SRC'), os.environ.get('PTSEMSEG_PYTHON')
-  if not src or not py:
-    pytest.skip('set PTSEMSEG_SRC (pytorch-semseg work tree) and '
-                'PTSEMSEG_PYTHON (a python with torch) for the parity test')
-  script = os.environ.get('PTSEMSEG_ORACLE') or str(
-      pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'tools' /
-      'ptsemseg_oracle.py')
-  if not os.path.exists(script):
-    pytest.skip(f'oracle script {script} not found (set PTSEMSEG_ORACLE)')
-  if subprocess.run([py, '-c', 'import torch'], capture_output=True).returncode:
-    pytest.skip(f'torch is not importable in PTSEMSEG_PYTHON={py}')
-  return src, py, script
 
 
 @pytest.mark.parametrize('arch,h,w', [('fcn32s', 45, 61), ('fcn16s', 17, 100),
                                       ('fcn8s', 45, 61), ('fcn8s', 1, 1),
                                       ('unet', 188, 204), ('unet', 252, 188)])
 def test_parity_with_pytorch_semseg(arch, h, w, tmp_path):
-  src, py, script = _oracle()
-  out = tmp_path / f'{arch}.npz'
-  subprocess.run([py, script, 'dump', arch, str(h), str(w), str(out)],
-                 check=True, capture_output=True,
-                 env=dict(os.environ, PTSEMSEG_SRC=src))
-  with np.load(out) as d:
-    sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
-    x, ref = d['x'].transpose(0, 2, 3, 1), d['y'].transpose(0, 2, 3, 1)
-  out.unlink()  # FCN dumps are ~540 MB
+  sd, x, ref = oracle_dump(arch, h, w, tmp_path)
   module, variables = convert.from_ptsemseg(sd, arch)
   del sd
-  y = jax.jit(lambda v, x: module.apply(v, x, train=False).logits)(
-      variables, x)
-  assert y.shape == ref.shape
-  # float32 through ~20 layers: ~1e-6 of the logit scale in practice.
-  np.testing.assert_allclose(np.asarray(y), ref,
-                             atol=1e-4 * np.abs(ref).max(), rtol=0)
+  assert_matches_oracle(module, variables, x, ref)

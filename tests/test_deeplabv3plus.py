@@ -1,5 +1,4 @@
 """Tests of DeepLabV3+ (tiny widths; eval_shape for the full-size network)."""
-import math
 
 import jax
 import jax.numpy as jnp
@@ -15,24 +14,17 @@ from semseg_jax.models.deeplabv3plus import ASPP
 from semseg_jax.models.deeplabv3plus import default_atrous_rates
 from testing_utils import model_config
 from testing_utils import train_losses
+from testing_utils import abstract_apply
+from testing_utils import param_count
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 TINY = dict(resnet_depth=18, width_mult=1 / 16)  # ResNet 4..32, ASPP 16, low 3
 
 
-def _count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _shapes(model, hw, train=False, b=1):
-  x = jax.ShapeDtypeStruct((b, *hw, 3), jnp.float32)
-  v = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
-  out = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=train, rngs={'dropout': KEY},
-                               mutable=['batch_stats'] if train else False),
-      v, x)
-  return v, out[0] if train else out
-
+  return abstract_apply(model, hw, train=train, batch=b)
 
 def _init(model, hw, b=1):
   return jax.jit(lambda x: model.init(KEY, x, train=False))(
@@ -71,7 +63,7 @@ def _head_count(k, c_low=256, c_high=2048, aspp=256, low=48, dec=256):
 def test_parameter_count(depth, backbone, total):
   v, out = _shapes(get_model('deeplabv3plus', 21, resnet_depth=depth),
                    (65, 65))
-  counts = {name: _count(t) for name, t in v['params'].items()}
+  counts = {name: param_count(t) for name, t in v['params'].items()}
   assert counts['backbone'] == backbone
   assert sum(counts.values()) == total == backbone + _head_count(21)
   assert out.logits.shape == (1, 65, 65, 21)
@@ -235,7 +227,7 @@ def test_configs_follow_the_paper(arg, name, k, crop, lr):
   assert config.model.output_stride == 16
   model = train.create_model(config)
   v, _ = _shapes(model, (65, 65))
-  assert _count(v['params']) == 42_500_160 + _head_count(k)
+  assert param_count(v['params']) == 42_500_160 + _head_count(k)
   with pytest.raises(ValueError, match="takes 'voc' or 'cityscapes'"):
     deeplab_config.get_config('camvid')
 

@@ -1,6 +1,5 @@
 """Tests of ENet (full width: the network is small; inputs 16-64 px)."""
 import functools
-import math
 
 import flax.linen as nn
 import jax
@@ -16,21 +15,17 @@ from semseg_jax.models import get_model
 from semseg_jax.models import layers
 from testing_utils import model_config
 from testing_utils import train_losses
+from testing_utils import abstract_apply
+from testing_utils import param_count
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 BN_EPS = 1e-3  # Torch SpatialBatchNormalization(n, 1e-3)
 
 
-def _count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _shapes(model, hw, b=1):
-  x = jax.ShapeDtypeStruct((b, *hw, 3), jnp.float32)
-  v = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x)
-  return v, out
-
+  return abstract_apply(model, hw, batch=b)
 
 def _reference_count(k):
   """Trainable parameters of the authors' Torch ENet, layer by layer."""
@@ -60,14 +55,14 @@ def _reference_count(k):
 
 def test_parameter_count():
   v, out = _shapes(get_model('enet', 19), (64, 64))
-  params, stats = _count(v['params']), _count(v['batch_stats'])
+  params, stats = param_count(v['params']), param_count(v['batch_stats'])
   assert params == _reference_count(19) == 364_311
   # The paper's "0.37M" (2 digits): trainable parameters are 364,311 (1.5%
   # below); with the BatchNorm running statistics, 372,663 (0.7% above).
   assert abs((params + stats) / 0.37e6 - 1) < 0.01
   assert out.logits.shape == (1, 64, 64, 19)
   v12, _ = _shapes(get_model('enet', 12), (16, 16))
-  assert _count(v12['params']) == _reference_count(12) == 364_311 - 7 * 65
+  assert param_count(v12['params']) == _reference_count(12) == 364_311 - 7 * 65
 
 
 def test_layer_layout_follows_the_authors_code():

@@ -1,7 +1,6 @@
 """Tests of FC-DenseNet 56/67/103 (eval_shape for the paper's networks, a
 narrow two-pooling network for numerics and training)."""
 import functools
-import math
 
 import flax.linen as nn
 import jax
@@ -15,6 +14,8 @@ from semseg_jax import train
 from semseg_jax.models import get_model
 from testing_utils import model_config
 from testing_utils import train_losses
+from testing_utils import abstract_apply
+from testing_utils import param_count
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 # Narrow network: 2 poolings, growth 4, 8 first maps, 2 layers per block.
@@ -24,16 +25,10 @@ TINY = dict(layers_per_block=(2, 2, 2, 2, 2), growth_rate=4,
 MINI = dict(layers_per_block=(1, 1, 1), growth_rate=4, first_conv_features=8)
 
 
-def _count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _shapes(model, hw, c=3, b=1):
-  x = jax.ShapeDtypeStruct((b, *hw, c), jnp.float32)
-  v = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x)
-  return v, out
-
+  return abstract_apply(model, hw, batch=b, channels=c)
 
 def _reference_count(blocks, growth, first=48, classes=11, c_in=3):
   """Trainable parameters of the authors' Lasagne network, by hand: convs
@@ -71,13 +66,13 @@ def test_parameter_counts(name, blocks, growth, count, paper):
   assert model.growth_rate == growth
   v, out = _shapes(model, (64, 64))
   ref, last_width = _reference_count(blocks, growth)
-  assert _count(v['params']) == ref == count
+  assert param_count(v['params']) == ref == count
   assert v['params']['classifier']['kernel'].shape == (1, 1, last_width, 11)
   # The authors' Lasagne summary counts every parameter value, BatchNorm
   # statistics included; so counted, 67 and 103 are within 1% of the paper
   # (3,502,923 and 9,425,163). FC-DenseNet56 comes to 1.40M: the paper's
   # "1.5M" cannot be met by the architecture it describes.
-  lasagne_count = count + _count(v['batch_stats'])
+  lasagne_count = count + param_count(v['batch_stats'])
   if name != 'fcdensenet56':
     assert abs(lasagne_count / paper - 1) < 0.01
   assert out.logits.shape == (1, 64, 64, 11)

@@ -12,12 +12,11 @@ import pytest
 from semseg_jax.models import get_model
 from semseg_jax.models import layers
 from semseg_jax.models.backbones import VGG16
+from testing_utils import param_count
 
 TINY = 1 / 32  # 64 -> 2 channels, fc 4096 -> 128
 
 
-def _count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _shapes(model, hw, k=21):
@@ -42,7 +41,7 @@ def _shapes(model, hw, k=21):
 def test_parameter_counts(name, upsample, count):
   kw = {} if upsample is None else {'upsample': upsample}
   v, out = _shapes(get_model(name, 21, **kw), (64, 64))
-  assert _count(v['params']) == count
+  assert param_count(v['params']) == count
   assert 'batch_stats' not in v
   assert out.logits.shape == (1, 64, 64, 21)
 

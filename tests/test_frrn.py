@@ -5,10 +5,6 @@ The parity test against pytorch-semseg runs when PTSEMSEG_SRC names a
 pytorch-semseg work tree and PTSEMSEG_PYTHON a python with torch (oracle:
 shared/tools/ptsemseg_oracle.py beside the repository, or PTSEMSEG_ORACLE).
 """
-import math
-import os
-import pathlib
-import subprocess
 
 from flax import traverse_util
 import jax
@@ -21,8 +17,11 @@ from semseg_jax import config as config_lib
 from semseg_jax import convert
 from semseg_jax.convert import frrn as frrn_convert
 from semseg_jax.models import get_model
+from testing_utils import assert_matches_oracle
 from testing_utils import model_config
+from testing_utils import oracle_dump
 from testing_utils import train_losses
+from testing_utils import param_count
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 TINY = {'width_mult': 1 / 8}  # 48 -> 6, 32 lanes -> 4, 384 -> 48 channels
@@ -35,8 +34,6 @@ STAGES = {
 }
 
 
-def _count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _variables(model, hw):
@@ -205,16 +202,16 @@ def _chaining_extra(model_type):
 def test_upstream_parameter_count(name, count, group_norm):
   v = _variables(get_model(name, 21, share_pooled_input=True,
                            group_norm=group_norm), (32, 32))
-  assert _count(v['params']) == count
+  assert param_count(v['params']) == count
   encoder, decoder = STAGES[name[-1]]
   norm_channels = 48 + 4 * 3 * 48 + sum(2 * n * c for n, c, _ in
                                         encoder + decoder)
   if group_norm:
     assert 'batch_stats' not in v
   else:
-    assert _count(v['batch_stats']) == 2 * norm_channels
+    assert param_count(v['batch_stats']) == 2 * norm_channels
   v = _variables(get_model(name, 21, group_norm=group_norm), (32, 32))
-  assert _count(v['params']) == count + _chaining_extra(name[-1])
+  assert param_count(v['params']) == count + _chaining_extra(name[-1])
 
 
 def test_paper_wiring_vs_upstream_wiring():
@@ -355,35 +352,12 @@ def test_upstream_model_type_and_mislabelled_checkpoints():
 # ------------------------------------------------- parity with pytorch-semseg
 
 
-def _oracle():
-  src, py = os.environ.get('PTSEMSEG_SRC'), os.environ.get('PTSEMSEG_PYTHON')
-  if not src or not py:
-    pytest.skip('set PTSEMSEG_SRC (pytorch-semseg work tree) and '
-                'PTSEMSEG_PYTHON (a python with torch) for the parity test')
-  script = os.environ.get('PTSEMSEG_ORACLE') or str(
-      pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'tools' /
-      'ptsemseg_oracle.py')
-  if not os.path.exists(script):
-    pytest.skip(f'oracle script {script} not found (set PTSEMSEG_ORACLE)')
-  return src, py, script
 
 
 @pytest.mark.parametrize('arch,h,w', [('frrnA', 32, 48), ('frrnB', 64, 32)])
 def test_parity_with_pytorch_semseg(arch, h, w, tmp_path):
   # The oracle builds upstream's frrn(21, model_type=arch[-1]), i.e. real A.
-  src, py, script = _oracle()
-  out = tmp_path / f'{arch}.npz'
-  subprocess.run([py, script, 'dump', arch, str(h), str(w), str(out)],
-                 check=True, capture_output=True,
-                 env=dict(os.environ, PTSEMSEG_SRC=src))
-  with np.load(out) as d:
-    sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
-    x, ref = d['x'].transpose(0, 2, 3, 1), d['y'].transpose(0, 2, 3, 1)
-  out.unlink()
+  sd, x, ref = oracle_dump(arch, h, w, tmp_path)
   module, variables = convert.from_ptsemseg(sd, arch)
-  y = jax.jit(lambda v, x: module.apply(v, x, train=False).logits)(
-      variables, x)
-  assert y.shape == ref.shape
   # Measured: 1.5e-6 (A) and 1.1e-6 (B) of the logit scale.
-  np.testing.assert_allclose(np.asarray(y), ref,
-                             atol=1e-4 * np.abs(ref).max(), rtol=0)
+  assert_matches_oracle(module, variables, x, ref)

@@ -12,24 +12,17 @@ from semseg_jax import train
 from semseg_jax.models import get_model
 from testing_utils import model_config
 from testing_utils import train_losses
+from testing_utils import abstract_apply
+from testing_utils import param_count
 
 TINY = 1 / 16  # VGG widths 4, 8, 16, 32, 32 and conv6/conv7 64.
 _VGG = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 
 
-def _count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _shapes(model, hw, train=False):
-  x = jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32)
-  v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                     x)
-  out = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=train, mutable=['batch_stats'],
-                               rngs={'dropout': jax.random.key(0)})[0], v, x)
-  return v, out
-
+  return abstract_apply(model, hw, train=train)
 
 def _expected_params(k, variant, norm):
   """Parameter count from the layer list of the released prototxt."""
@@ -67,7 +60,7 @@ def _expected_params(k, variant, norm):
 def test_parameter_counts(variant, k, norm, count):
   model = get_model('gfrnet', k, variant=variant, encoder_norm=norm)
   v, _ = _shapes(model, (64, 64))
-  n = _count(v['params'])
+  n = param_count(v['params'])
   assert n == _expected_params(k, variant, norm)
   if count is not None:
     assert n == count

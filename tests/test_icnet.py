@@ -5,11 +5,6 @@ The parity test against pytorch-semseg runs when PTSEMSEG_SRC names a
 pytorch-semseg work tree and PTSEMSEG_PYTHON a python with torch (oracle:
 shared/tools/ptsemseg_oracle.py beside the repository, or PTSEMSEG_ORACLE).
 """
-import functools
-import math
-import os
-import pathlib
-import subprocess
 import textwrap
 
 from flax import traverse_util
@@ -22,26 +17,22 @@ from semseg_jax import convert
 from semseg_jax import losses
 from semseg_jax.convert import icnet as icnet_convert
 from semseg_jax.models import get_model
+from testing_utils import assert_matches_oracle
 from testing_utils import model_config
+from testing_utils import oracle_dump
 from testing_utils import train_losses
+from testing_utils import abstract_apply
+from testing_utils import param_count
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 # 32 -> 4 channels, 1024 -> 128; one block per stage.
 TINY = {'width_mult': 1 / 8, 'block_config': (1, 2, 1, 1)}
 
 
-def _count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _shapes(model, hw, batch=1, train=False):
-  x = jax.ShapeDtypeStruct((batch, *hw, 3), jnp.float32)
-  v = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
-  out = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=train, mutable=['batch_stats'])[0],
-      v, x)
-  return v, out
-
+  return abstract_apply(model, hw, train=train, batch=batch)
 
 def _random_variables(model, hw, seed=0):
   """Variables of ``model`` filled with numpy noise (no XLA compile)."""
@@ -67,7 +58,7 @@ def _random_variables(model, hw, seed=0):
 ])
 def test_parameter_counts(name, k, kw, count):
   v, out = _shapes(get_model(name, k, **kw), (65, 97))
-  assert _count(v['params']) == count
+  assert param_count(v['params']) == count
   assert out.logits.shape == (1, 65, 97, k)
   assert ('batch_stats' in v) == (name == 'icnetBN')
 
@@ -317,39 +308,12 @@ _ORACLE = textwrap.dedent('''
 ''')
 
 
-def _oracle():
-  src, py = os.environ.get('PTSEMSEG_SRC'), os.environ.get('PTSEMSEG_PYTHON')
-  if not src or not py:
-    pytest.skip('set PTSEMSEG_SRC (pytorch-semseg work tree) and '
-                'PTSEMSEG_PYTHON (a python with torch) for the parity test')
-  script = os.environ.get('PTSEMSEG_ORACLE') or str(
-      pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'tools' /
-      'ptsemseg_oracle.py')
-  if not os.path.exists(script):
-    pytest.skip(f'oracle script {script} not found (set PTSEMSEG_ORACLE)')
-  return src, py, script
 
 
 @pytest.mark.parametrize('arch,h,w', [
     # 1/32 maps 8x10 (floor pooling differs from adaptive) and 6x6.
     ('icnet', 225, 289), ('icnetBN', 225, 289), ('icnetBN', 161, 161)])
 def test_parity_with_pytorch_semseg(arch, h, w, tmp_path):
-  src, py, script = _oracle()
-  out = tmp_path / f'{arch}.npz'
-  runner = tmp_path / 'oracle.py'
-  runner.write_text(_ORACLE)
-  # Upstream's icnet.py imports its caffe_pb2, which new protobufs refuse to
-  # load with the C++ backend.
-  env = dict(os.environ, PTSEMSEG_SRC=src,
-             PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION='python')
-  subprocess.run([py, str(runner), script, arch, str(h), str(w), str(out)],
-                 check=True, capture_output=True, env=env)
-  with np.load(out) as d:
-    sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
-    x, ref = d['x'].transpose(0, 2, 3, 1), d['y'].transpose(0, 2, 3, 1)
-  out.unlink()
+  sd, x, ref = oracle_dump(arch, h, w, tmp_path, runner_source=_ORACLE)
   module, variables = convert.from_ptsemseg(sd, arch, pool_mode='floor')
-  y = jax.jit(functools.partial(module.apply, train=False))(variables, x)
-  assert y.logits.shape == ref.shape
-  np.testing.assert_allclose(np.asarray(y.logits), ref,
-                             atol=1e-4 * np.abs(ref).max(), rtol=0)
+  assert_matches_oracle(module, variables, x, ref)

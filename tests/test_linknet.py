@@ -8,7 +8,6 @@ TORCH_RESNET_ORACLE).
 """
 import functools
 import importlib.util
-import math
 import os
 import pathlib
 import re
@@ -28,21 +27,16 @@ from semseg_jax.convert.ptsemseg import fill
 from semseg_jax.convert.ptsemseg import Rule
 from semseg_jax.models import get_model
 from semseg_jax.models.backbones.resnet import ResNet
+from testing_utils import abstract_apply
+from testing_utils import param_count
 
 TINY = 1 / 8  # encoder 8..64 channels, final block 4
 
 
-def _count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _shapes(model, hw):
-  x = jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32)
-  v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                     x)
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x)
-  return v, out
-
+  return abstract_apply(model, hw)
 
 def _decoder_count(m, n):
   q = m // 4
@@ -56,9 +50,9 @@ def test_parameter_count_matches_the_paper():
   decoders = sum(_decoder_count(m, n) for m, n in
                  ((512, 256), (256, 128), (128, 64), (64, 64)))
   final = (9 * 64 * 32 + 32 + 64) + (9 * 32 * 32 + 32 + 64) + (4 * 32 * k + k)
-  assert _count(v['params']['encoder']) == encoder
-  assert _count(v['params']) == encoder + decoders + final == 11_535_699
-  assert abs(_count(v['params']) / 11.5e6 - 1) < 0.01  # paper: 11.5M
+  assert param_count(v['params']['encoder']) == encoder
+  assert param_count(v['params']) == encoder + decoders + final == 11_535_699
+  assert abs(param_count(v['params']) / 11.5e6 - 1) < 0.01  # paper: 11.5M
   assert out.logits.shape == (1, 64, 64, k)
 
 
@@ -87,7 +81,7 @@ def test_logits_at_input_resolution_any_size(hw):
                                                  (50, 23_508_032)])
 def test_other_encoder_depths(depth, encoder_count):
   v, out = _shapes(get_model('linknet', 3, encoder_depth=depth), (37, 45))
-  assert _count(v['params']['encoder']) == encoder_count
+  assert param_count(v['params']['encoder']) == encoder_count
   assert out.logits.shape == (1, 37, 45, 3)
   if depth == 50:  # decoders take the stage widths: 2048 -> 1024, ...
     assert v['params']['decoder4']['conv1']['conv']['kernel'].shape == (

@@ -1,6 +1,5 @@
 """Tests of RefineNet (numpy references of its blocks; eval_shape for the
 full-size network)."""
-import math
 
 import jax
 import jax.numpy as jnp
@@ -16,24 +15,17 @@ from semseg_jax.models.refinenet import RefineNetBlock
 from semseg_jax.models.refinenet import ResidualConvUnit
 from testing_utils import model_config
 from testing_utils import train_losses
+from testing_utils import abstract_apply
+from testing_utils import param_count
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 TINY = dict(resnet_depth=18, width_mult=1 / 16)  # ResNet 4..32, paths 32/16
 
 
-def _count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _shapes(model, hw, train=False, b=1):
-  x = jax.ShapeDtypeStruct((b, *hw, 3), jnp.float32)
-  v = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
-  out = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=train, rngs={'dropout': KEY},
-                               mutable=['batch_stats'] if train else False),
-      v, x)
-  return v, out[0] if train else out
-
+  return abstract_apply(model, hw, train=train, batch=b)
 
 def _refine_count(k, backbone=(2048, 1024, 512, 256), widths=(512, 256, 256,
                                                                256), crp=4):
@@ -58,7 +50,7 @@ def _refine_count(k, backbone=(2048, 1024, 512, 256), widths=(512, 256, 256,
 ])
 def test_parameter_count(depth, backbone, total):
   v, out = _shapes(get_model('refinenet', 21, resnet_depth=depth), (64, 64))
-  counts = {name: _count(t) for name, t in v['params'].items()}
+  counts = {name: param_count(t) for name, t in v['params'].items()}
   assert counts['backbone'] == backbone
   assert sum(counts.values()) == total == backbone + _refine_count(21)
   assert out.logits.shape == (1, 64, 64, 21)
@@ -66,7 +58,7 @@ def test_parameter_count(depth, backbone, total):
 
 def test_crp_stages_option():
   v, _ = _shapes(get_model('refinenet', 21, crp_stages=2), (64, 64))
-  assert _count(v['params']) == 42_500_160 + _refine_count(21, crp=2)
+  assert param_count(v['params']) == 42_500_160 + _refine_count(21, crp=2)
   assert set(v['params']['refine1']['crp']) == {'conv1', 'conv2'}
 
 
@@ -246,7 +238,7 @@ def test_config_follows_the_authors():
               1, 5e-4, 0.9, 5e-4)
   assert tuple(config.dataset.scale_range) == (0.7, 1.3)
   v, _ = _shapes(train.create_model(config), (64, 64))
-  assert _count(v['params']) == 118_052_437
+  assert param_count(v['params']) == 118_052_437
 
 
 def test_tiny_network_trains():

@@ -20,12 +20,11 @@ import pytest
 from semseg_jax.convert import resnet as convert_resnet
 from semseg_jax.models.backbones import resnet as resnet_lib
 from semseg_jax.models.backbones.resnet import ResNet
+from testing_utils import param_count
 
 TINY = 1 / 16  # 64 -> 4 channels
 
 
-def _count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _shapes(model, hw):
@@ -45,12 +44,12 @@ def _shapes(model, hw):
 def test_parameter_counts_equal_torchvision_without_fc(depth, torchvision_count,
                                                        fc):
   _, v = _shapes(ResNet(depth), (64, 64))
-  assert _count(v['params']) == torchvision_count - fc
+  assert param_count(v['params']) == torchvision_count - fc
   # BatchNorm statistics: mean and var per BN channel.
   n_bn = sum(math.prod(x.shape) for x in jax.tree.leaves(v['batch_stats']))
   scales = [x for k, x in jax.tree_util.tree_leaves_with_path(v['params'])
             if k[-1].key == 'scale']
-  assert n_bn == 2 * _count(scales)
+  assert n_bn == 2 * param_count(scales)
 
 
 @pytest.mark.parametrize('depth,output_stride,hw', [
@@ -216,7 +215,7 @@ def test_synthetic_full_size_resnet18_state_dict():
              'fc.bias': np.zeros(1000, np.float32)})
   sd = {f'module.{k}': x for k, x in sd.items()}  # DataParallel prefix
   back = convert_resnet.torchvision_resnet(sd)
-  assert _count(back['params']) == 11_689_512 - 513_000
+  assert param_count(back['params']) == 11_689_512 - 513_000
   np.testing.assert_array_equal(back['params']['layer3_0']['conv1']['kernel'],
                                 v['params']['layer3_0']['conv1']['kernel'])
 

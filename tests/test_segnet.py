@@ -5,7 +5,6 @@ The parity test against pytorch-semseg runs when PTSEMSEG_SRC names a
 pytorch-semseg work tree and PTSEMSEG_PYTHON a python with torch (oracle:
 shared/tools/ptsemseg_oracle.py beside the repository, or PTSEMSEG_ORACLE).
 """
-import math
 import os
 import pathlib
 import subprocess
@@ -22,21 +21,17 @@ from semseg_jax.convert import segnet as segnet_convert
 from semseg_jax.models import get_model
 from testing_utils import model_config
 from testing_utils import train_losses
+from testing_utils import abstract_apply
+from testing_utils import param_count
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 TINY = {'width_mult': 1 / 16}  # 64 -> 4, 512 -> 32 channels
 
 
-def _count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _shapes(model, hw, c=3):
-  x = jax.ShapeDtypeStruct((1, *hw, c), jnp.float32)
-  v = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x)
-  return v, out
-
+  return abstract_apply(model, hw, channels=c)
 
 def _random_variables(model, hw, seed=0):
   """Variables of ``model`` filled with numpy noise: conv weights ~ 1/sqrt(fan
@@ -155,12 +150,12 @@ def test_matches_numpy_reference(hw, ceil_mode, final_bn_relu):
 ])
 def test_upstream_parameter_count(kwargs, count):
   v, out = _shapes(get_model('segnet', 21, **kwargs), (64, 96))
-  assert _count(v['params']) == count
+  assert param_count(v['params']) == count
   bn_channels = (2 * 64 + 2 * 128 + 3 * 256 + 6 * 512  # encoder
                  + 5 * 512 + 3 * 256 + 2 * 128 + 2 * 64)  # decoder
   if kwargs:
     bn_channels += 21
-  assert _count(v['batch_stats']) == 2 * bn_channels
+  assert param_count(v['batch_stats']) == 2 * bn_channels
   assert out.logits.shape == (1, 64, 96, 21)
 
 

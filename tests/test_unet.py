@@ -1,5 +1,4 @@
 """Tests of the U-Net (tiny feature_scale; eval_shape for the full network)."""
-import math
 
 import jax
 import jax.numpy as jnp
@@ -8,20 +7,16 @@ import optax
 import pytest
 
 from semseg_jax.models import get_model
+from testing_utils import abstract_apply
+from testing_utils import param_count
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 
 
-def _count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _shapes(model, hw, c=3):
-  x = jax.ShapeDtypeStruct((2, *hw, c), jnp.float32)
-  v = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x)
-  return v, out
-
+  return abstract_apply(model, hw, batch=2, channels=c)
 
 def _init(model, hw, c=3):
   x = jnp.zeros((1, *hw, c))
@@ -34,9 +29,9 @@ def test_upstream_parameter_count(padding):
   # (BatchNorm scale/bias included, running statistics not).
   hw = (188, 204) if padding == 'valid' else (64, 64)
   v, _ = _shapes(get_model('unet', 21, padding=padding), hw)
-  assert _count(v['params']) == 1_943_429
+  assert param_count(v['params']) == 1_943_429
   # Encoder only: 5 blocks x 2 BatchNorms x (mean, var), 16..256 channels.
-  assert _count(v['batch_stats']) == 2 * 2 * (16 + 32 + 64 + 128 + 256)
+  assert param_count(v['batch_stats']) == 2 * 2 * (16 + 32 + 64 + 128 + 256)
 
 
 @pytest.mark.parametrize('hw,out', [((188, 188), (4, 4)),
