@@ -21,19 +21,36 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_classes = 6  # Output classes; must equal the dataset's.
   config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (weights stay float32).
 
-  # --- data (semseg_jax/data): the built-in `shapes` needs no download.
+  # --- data (semseg_jax/data): the built-in `shapes` needs no download. Per-dataset
+  # presets (crops, classes, eval size, normalisation) are in configs/datasets.py.
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'shapes'  # 'shapes' or a prepared TFDS name ('voc2012', ...).
   config.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None = TFDS default.
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'validation'
-  config.dataset.image_size = (128, 128)  # Train crop / eval pad size (H, W).
-  config.dataset.scale_range = (0.75, 1.25)  # Random rescale before the crop; None = off.
+  config.dataset.image_size = (128, 128)  # Train crop (H, W), pixels.
+  # Training augmentation, applied in this order; None / 0 / False = off.
+  config.dataset.resize = config_dict.placeholder(tuple)  # (H, W) for every image, train + eval.
+  config.dataset.center_crop = config_dict.placeholder(tuple)  # Train: central (H, W) window.
+  config.dataset.scale_range = (0.75, 1.25)  # Random rescale (lo, hi) before the crop.
+  config.dataset.rotate = 0.0  # Random rotation, max degrees either way (label nearest, 255).
+  config.dataset.translate = 0.0  # Random shift, max fraction of each side.
   config.dataset.hflip = True  # Random horizontal flip.
   config.dataset.vflip = False  # Random vertical flip.
-  config.dataset.color_jitter = 0.0  # Brightness/contrast/saturation strength; 0 = off.
-  config.dataset.mean = (123.675, 116.28, 103.53)  # Normalisation, 0-255 units (ImageNet).
-  config.dataset.std = (58.395, 57.12, 57.375)
+  config.dataset.hue = 0.0  # Random hue shift, max turns in [0, 0.5].
+  config.dataset.gamma = config_dict.placeholder(tuple)  # Random gamma range (lo, hi).
+  config.dataset.color_jitter = 0.0  # Brightness/contrast/saturation strength in [0, 1).
+  # Network input: 'imagenet' (RGB, torchvision mean/std), 'caffe_bgr' (BGR, mean
+  # (103.939, 116.779, 123.68), no scaling: converted Caffe PSPNet/ICNet weights) or
+  # 'custom' (dataset.mean/std, RGB, 0-255 units; None otherwise).
+  config.dataset.normalization = 'imagenet'
+  config.dataset.mean = config_dict.placeholder(tuple)
+  config.dataset.std = config_dict.placeholder(tuple)
+  # Eval keeps full resolution: every image padded (bottom/right, label 255, batch['valid']
+  # False) to this (H, W); None = dataset.resize, else the larger of image_size and the
+  # dataset's known largest image (pipeline.KNOWN_MAX_SIZES: VOC 512x512, Cityscapes 1024x2048).
+  config.dataset.eval_pad_size = config_dict.placeholder(tuple)
+  config.dataset.eval_shrink_to_fit = False  # Shrink larger eval images to fit (else error).
   config.dataset.num_workers = 0  # grain worker processes; 0 = read in this process.
   config.dataset.prefetch = 2  # Batches prefetched by the reader threads.
   config.dataset.num_train = 2000  # shapes only: examples in its train split.

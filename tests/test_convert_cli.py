@@ -12,6 +12,7 @@ from semseg_jax import inference
 from semseg_jax import train
 from semseg_jax.convert import __main__ as convert_cli
 from semseg_jax.convert import ptsemseg
+from semseg_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,8 +42,7 @@ def test_converted_weights_predict_like_the_converted_module(tmp_path):
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   image = np.random.default_rng(1).integers(0, 255, (128, 128, 3), dtype=np.uint8)
-  mean, std = np.asarray(config.dataset.mean), np.asarray(config.dataset.std)
-  x = ((image - mean) / std).astype(np.float32)[None]
+  x = pipeline.normalization(config.dataset)(image)[None]
   logits = module.apply(variables, x, train=False).logits
   got = restored_module.apply(restored, x, train=False).logits
   np.testing.assert_allclose(got, logits, rtol=1e-6, atol=1e-6)

@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from semseg_jax import data
-from semseg_jax.data import pipeline, shapes
+from semseg_jax.data import pipeline, shapes, transforms
 
 
 class IndexSource:
@@ -31,8 +31,9 @@ class IndexSource:
 def make_cfg(**overrides):
   cfg = pipeline.default_dataset_config()
   # Identity normalisation, so pipeline output values are the raw 0-255 pixels.
-  cfg.mean, cfg.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+  cfg.normalization, cfg.mean, cfg.std = 'custom', (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
   cfg.image_size, cfg.scale_range, cfg.hflip = (12, 12), None, False
+  cfg.shapes_image_size = (12, 12)  # The eval pad size of 'shapes' is at least this.
   for key, value in overrides.items():
     cfg[key] = value
   return cfg
@@ -48,10 +49,10 @@ def take(it, n):
   return [next(it) for _ in range(n)]
 
 
-def assert_same_batches(a, b):
+def assert_same_batches(a, b, keys=('image', 'label')):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    assert x.keys() == y.keys() == {'image', 'label'}
+    assert x.keys() == y.keys() == set(keys)
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
 
@@ -66,6 +67,11 @@ def test_default_config_is_valid_and_complete():
   assert cfg.name == 'shapes' and tuple(cfg.image_size) == (128, 128)
 
 
+def test_default_config_file_matches_the_pipeline_defaults():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  assert default.get_config().dataset.to_dict() == pipeline.default_dataset_config().to_dict()
+
+
 @pytest.mark.parametrize('key, value, match', [
     ('image_size', (0, 128), r'dataset.image_size must be \(H, W\)'),
     ('image_size', (128,), r'dataset.image_size must be \(H, W\)'),
@@ -73,8 +79,19 @@ def test_default_config_is_valid_and_complete():
     ('scale_range', (1.5, 0.5), r'dataset.scale_range must be None or \(lo, hi\)'),
     ('scale_range', (0.0, 1.0), r'dataset.scale_range must be None or \(lo, hi\)'),
     ('color_jitter', 1.5, r'dataset.color_jitter must be a number in \[0, 1\)'),
-    ('mean', (1.0, 2.0), 'dataset.mean must be 3 non-negative numbers'),
-    ('std', (1.0, 0.0, 1.0), 'dataset.std must be 3 positive numbers'),
+    ('resize', (32,), r'dataset.resize must be None or \(H, W\)'),
+    ('center_crop', (0, 4), r'dataset.center_crop must be None or \(H, W\)'),
+    ('eval_pad_size', (512, 51.2), r'dataset.eval_pad_size must be None or \(H, W\)'),
+    ('gamma', (1.5, 0.5), r'dataset.gamma must be None or \(lo, hi\)'),
+    ('rotate', 200, r'dataset.rotate must be a number in \[0, 180\]'),
+    ('rotate', True, r'dataset.rotate must be a number'),
+    ('translate', -0.1, r'dataset.translate must be a number in \[0, 1\]'),
+    ('hue', 0.6, r'dataset.hue must be a number in \[0, 0.5\]'),
+    ('eval_shrink_to_fit', 1, 'dataset.eval_shrink_to_fit must be True or False'),
+    ('normalization', 'caffe', "dataset.normalization must be one of imagenet, caffe_bgr, "
+     "custom, got 'caffe'"),
+    ('mean', (1.0, 2.0, 3.0), r"dataset.mean=\(1.0, 2.0, 3.0\) is only used with "
+     r"dataset.normalization='custom' \(dataset.normalization='imagenet' has its own\)"),
     ('num_workers', -1, 'dataset.num_workers must be an int >= 0'),
     ('prefetch', -2, 'dataset.prefetch must be an int >= 0'),
     ('num_train', 0, 'dataset.num_train must be an int >= 1'),
@@ -86,6 +103,38 @@ def test_bad_values_name_the_key(key, value, match):
   cfg[key] = value
   with pytest.raises(ValueError, match=match):
     pipeline.validate_dataset_config(cfg)
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('mean', (1.0, 2.0), 'dataset.mean must be 3 non-negative numbers'),
+    ('mean', None, 'dataset.mean must be 3 non-negative numbers'),
+    ('std', (1.0, 0.0, 1.0), 'dataset.std must be 3 positive numbers'),
+])
+def test_custom_normalization_needs_mean_and_std(key, value, match):
+  cfg = make_cfg().to_dict()
+  cfg[key] = value
+  with pytest.raises(ValueError, match=match):
+    pipeline.validate_dataset_config(cfg)
+
+
+def test_normalization_resolves_presets_and_custom():
+  cfg = pipeline.default_dataset_config()
+  assert pipeline.normalization(cfg) == transforms.NORMALIZATIONS['imagenet']
+  cfg.normalization = 'caffe_bgr'
+  norm = pipeline.normalization(cfg)
+  assert norm.bgr and norm.mean == (103.939, 116.779, 123.68) and norm.std == (1.0, 1.0, 1.0)
+  cfg.normalization, cfg.mean, cfg.std = 'custom', (1, 2, 3), (4, 5, 6)
+  pipeline.validate_dataset_config(cfg)
+  assert pipeline.normalization(cfg) == transforms.Normalization((1.0, 2.0, 3.0),
+                                                                 (4.0, 5.0, 6.0))
+
+
+def test_caffe_bgr_pipeline_output():
+  cfg = make_cfg(normalization='caffe_bgr', mean=None, std=None)
+  batch = next(pipeline.make_eval_iterator(IndexSource(2), cfg, batch_size=2))
+  raw = IndexSource(2)[1]['image'].astype(np.float32)
+  np.testing.assert_allclose(batch['image'][1, :12, :12],
+                             raw[..., ::-1] - np.float32([103.939, 116.779, 123.68]), atol=1e-4)
 
 
 def test_unknown_and_missing_keys():
@@ -249,7 +298,12 @@ def test_eval_covers_every_example_once_with_padding(n, batch_size, process_coun
                                                process_index=p, process_count=process_count))
     assert len(batches) == expected_batches  # Every process runs the same number of steps.
     for batch in batches:
+      assert batch.keys() == {'image', 'label', 'valid'}
       assert batch['image'].shape == (batch_size, 16, 16, 3)
+      assert batch['valid'].shape == (batch_size, 16, 16) and batch['valid'].dtype == bool
+      np.testing.assert_array_equal(batch['valid'], np.stack(
+          [np.pad(np.ones((12, 12), bool), ((0, 4), (0, 4))) if i >= 0
+           else np.zeros((16, 16), bool) for i in ids(batch)]))
       assert batch['label'].shape == (batch_size, 16, 16) and batch['label'].dtype == np.int32
       for image, label, i in zip(batch['image'], batch['label'], ids(batch)):
         if i < 0:  # Padding example: zero image, all ignore.
@@ -281,7 +335,96 @@ def test_eval_with_worker_processes_matches_in_process():
   source = IndexSource(9)
   a = list(pipeline.make_eval_iterator(source, make_cfg(), batch_size=2))
   b = list(pipeline.make_eval_iterator(source, make_cfg(num_workers=2), batch_size=2))
+  assert_same_batches(a, b, keys=('image', 'label', 'valid'))
+
+
+class SizedSource:
+  """Images of the given (H, W) sizes, label = example index, TFDS-style bytes file names."""
+
+  def __init__(self, sizes):
+    self.sizes = sizes
+
+  def __len__(self):
+    return len(self.sizes)
+
+  def __getitem__(self, i):
+    h, w = self.sizes[i]
+    image = np.full((h, w, 3), 10 * i, np.uint8)
+    return {'image': image, 'label': np.full((h, w, 1), i, np.uint8),
+            'file_name': f'img_{i}.jpg'.encode()}
+
+
+def test_eval_keeps_full_resolution_with_a_valid_mask():
+  sizes = [(20, 30), (32, 16), (7, 40)]
+  cfg = make_cfg(image_size=(8, 8), eval_pad_size=(32, 40))
+  batch = next(pipeline.make_eval_iterator(SizedSource(sizes), cfg, batch_size=4))
+  assert batch['image'].shape == (4, 32, 40, 3)
+  for i, (h, w) in enumerate(sizes):
+    np.testing.assert_array_equal(batch['valid'][i], np.pad(np.ones((h, w), bool),
+                                                            ((0, 32 - h), (0, 40 - w))))
+    # Real pixels untouched (no resize), padding is ignore.
+    assert (batch['label'][i][batch['valid'][i]] == i).all()
+    assert (batch['label'][i][~batch['valid'][i]] == 255).all()
+    assert (batch['image'][i][batch['valid'][i]] == 10 * i).all()
+  assert not batch['valid'][3].any()  # The padding example.
+  # Valid pixels are exactly the non-ignore ones here: a metric masked by either agrees.
+  np.testing.assert_array_equal(batch['valid'], batch['label'] != 255)
+
+
+def test_eval_image_larger_than_pad_size():
+  cfg = make_cfg(image_size=(16, 16), eval_pad_size=(32, 32))
+  source = SizedSource([(20, 20), (40, 24)])
+  with pytest.raises(ValueError, match=r'img_1.jpg: image of 40x24 does not fit the eval pad '
+                     r'size 32x32; set dataset.eval_pad_size to at least \(64, 32\)'):
+    list(pipeline.make_eval_iterator(source, cfg, batch_size=2))
+  cfg.eval_shrink_to_fit = True
+  batch = next(pipeline.make_eval_iterator(source, cfg, batch_size=2))
+  assert batch['valid'][1].sum() == 32 * 19 and batch['valid'][0].sum() == 400
+
+
+def test_eval_pad_size_defaults():
+  cfg = make_cfg(image_size=(24, 24))
+  assert pipeline.eval_pad_size(cfg) == (24, 24)
+  cfg.name, cfg.shapes_image_size = 'shapes', (48, 16)
+  assert pipeline.eval_pad_size(cfg) == (48, 24)  # shapes: its known size.
+  cfg.name = 'voc2012'
+  assert pipeline.eval_pad_size(cfg) == (512, 512)  # VOC's largest image, rounded up.
+  cfg.name, cfg.image_size = 'cityscapes', (769, 769)
+  assert pipeline.eval_pad_size(cfg) == (1024, 2048)
+  cfg.image_size = (1100, 769)
+  assert pipeline.eval_pad_size(cfg) == (1100, 2048)  # Per side, at least the crop.
+  cfg.name, cfg.image_size = 'ade20k', (24, 24)
+  assert pipeline.eval_pad_size(cfg) == (24, 24)  # Unbounded sizes: the train crop.
+  cfg.resize = (100, 60)
+  assert pipeline.eval_pad_size(cfg) == (100, 60)  # Everything is resized to this.
+  cfg.eval_pad_size = (128, 64)
+  assert pipeline.eval_pad_size(cfg) == (128, 64)
+
+
+def test_eval_resize_then_pad():
+  cfg = make_cfg(resize=(10, 20), eval_pad_size=(16, 32))
+  batch = next(pipeline.make_eval_iterator(SizedSource([(40, 24)]), cfg, batch_size=1))
+  assert batch['valid'][0].sum() == 200 and batch['valid'][0, :10, :20].all()
+
+
+def test_train_error_names_the_decoded_file_name():
+  source = SizedSource([(10, 10)])
+  bad = {**source[0], 'label': np.zeros((9, 10), np.uint8)}
+  with pytest.raises(ValueError, match=r"^img_0.jpg: label shape \(9, 10\)"):
+    pipeline.train_transform(make_cfg())(bad, np.random.default_rng(0))
+
+
+def test_train_with_every_augmentation_is_reproducible():
+  cfg = make_cfg(image_size=(16, 16), resize=(20, 20), center_crop=(18, 18),
+                 scale_range=(0.8, 1.2), rotate=15.0, translate=0.1, hflip=True, vflip=True,
+                 hue=0.05, gamma=(0.8, 1.2), color_jitter=0.2)
+  source = SizedSource([(20, 30), (32, 16), (25, 25), (12, 40)])
+  a = take(pipeline.make_train_iterator(source, cfg, seed=5, batch_size=2), 4)
+  b = take(pipeline.make_train_iterator(source, cfg, seed=5, batch_size=2), 4)
   assert_same_batches(a, b)
+  for batch in a:
+    assert batch['image'].shape == (2, 16, 16, 3) and np.isfinite(batch['image']).all()
+    assert set(np.unique(batch['label'])) <= {0, 1, 2, 3, 255}
 
 
 # --- registry -----------------------------------------------------------------------------------
@@ -389,3 +532,44 @@ def test_not_prepared_builder(registry, monkeypatch, tmp_path):
   fake_tfds(monkeypatch, False, [])
   with pytest.raises(data.DatasetNotFoundError, match='nothing at /data/toy_seg_builder/1.0.0'):
     data.get_source(make_cfg(name='toyseg'), 'train', data_dir=str(tmp_path))
+
+
+# --- per-dataset presets (configs/datasets) ------------------------------------------------------
+
+
+@pytest.mark.parametrize('preset, name, num_classes, crop, pad', [
+    ('voc', 'voc2012', 21, (512, 512), (512, 512)),
+    ('cityscapes', 'cityscapes', 19, (512, 1024), (1024, 2048)),
+    ('camvid', 'camvid', 11, (360, 480), (360, 480)),
+    ('ade20k', 'ade20k', 150, (512, 512), (704, 704)),
+])
+def test_dataset_presets_load_and_validate(preset, name, num_classes, crop, pad):
+  from configs import datasets, default  # pylint: disable=g-import-not-at-top
+  from semseg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = datasets.PRESETS[preset](default.get_config())
+  config_lib.validate_config(config)  # Also runs validate_dataset_config.
+  assert config.dataset.name == name and config.num_classes == num_classes
+  assert tuple(config.dataset.image_size) == crop
+  assert pipeline.eval_pad_size(config.dataset) == pad
+  assert pipeline.normalization(config.dataset) == transforms.NORMALIZATIONS['imagenet']
+  # The class count agrees with the registered dataset (no data needed).
+  assert data.get_dataset_info(name).num_classes == num_classes
+  # Crop and normalisation are arguments.
+  config = datasets.PRESETS[preset](default.get_config(), (96, 128), normalization='caffe_bgr')
+  config_lib.validate_config(config)
+  assert tuple(config.dataset.image_size) == (96, 128)
+  assert pipeline.normalization(config.dataset).bgr
+
+
+def test_dataset_preset_resize_evaluates_at_that_size():
+  from configs import datasets, default  # pylint: disable=g-import-not-at-top
+  config = datasets.cityscapes(default.get_config(), crop=(512, 1024), resize=(512, 1024))
+  pipeline.validate_dataset_config(config.dataset)
+  assert tuple(config.dataset.resize) == (512, 1024)
+  assert pipeline.eval_pad_size(config.dataset) == (512, 1024)  # Not the full 1024x2048.
+
+
+def test_dataset_preset_rejects_a_bad_crop():
+  from configs import datasets, default  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r'cityscapes preset: crop must be \(H, W\)'):
+    datasets.cityscapes(default.get_config(), crop=(0, 769))

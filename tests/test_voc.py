@@ -134,6 +134,7 @@ def test_eval_iterator_reads_built_split(tmp_path):
   cfg = pipeline.default_dataset_config()
   cfg.name = 'voc2012'
   cfg.image_size = (16, 16)
+  cfg.eval_pad_size = (16, 16)
   src = data_lib.get_source(cfg, 'validation', data_dir=str(tmp_path / 'data'))
   batches = list(pipeline.make_eval_iterator(src, cfg, batch_size=2))
   assert len(batches) == 1
