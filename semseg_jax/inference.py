@@ -1,16 +1,21 @@
-"""Inference: ``predict(images)`` -> label maps, and writing them as PNGs."""
+"""Inference: ``predict(images)`` -> label maps, and writing them as PNGs.
+
+Images of any size go through ``evaluate.MultiViewPredictor``, the code that
+evaluation uses, so ``config.eval`` (whole / slide, scales, flip) means the
+same thing in ``--mode=eval`` and ``--mode=predict``.
+"""
 from __future__ import annotations
 
 import glob
 import os
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from semseg_jax import evaluate
 from semseg_jax import visualize
+from semseg_jax.data import transforms
 from semseg_jax.progress import progress
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -20,30 +25,60 @@ _PAD_MULTIPLE = 32
 
 
 class Predictor:
-  """A jitted ``uint8 image -> class map`` function for one model and its variables."""
+  """A jitted ``uint8 image -> class map`` function for one model and its variables.
 
-  def __init__(self, model, variables: dict[str, Any], *, mean: Sequence[float] = IMAGENET_MEAN,
-               std: Sequence[float] = IMAGENET_STD):
+  Inference follows ``spec`` (``config.eval``: whole image or sliding windows,
+  scales, flip) through the same :class:`evaluate.MultiViewPredictor` as
+  evaluation. In 'whole' mode images are padded (with the mean colour) to a
+  multiple of 32 so any size passes every network's strides; in 'slide' mode
+  up to at least one window.
+
+  Args:
+    model, variables: the network and its ``{'params', 'batch_stats'}``.
+    mean, std: RGB normalisation in 0-255 units (None: ImageNet's); ignored
+      when ``normalization`` is given.
+    spec: whole/slide, scales, flip (default: one whole-image view).
+    normalization: a ``data.transforms.Normalization`` (e.g. the BGR Caffe
+      preset), as ``data.pipeline.normalization(config.dataset)`` returns.
+  """
+
+  def __init__(self, model, variables: dict[str, Any], *,
+               mean: Sequence[float] | None = IMAGENET_MEAN,
+               std: Sequence[float] | None = IMAGENET_STD, spec: evaluate.EvalSpec | None = None,
+               normalization: transforms.Normalization | None = None):
     self.variables = variables
-    self.mean = np.asarray(mean, np.float32)
-    self.std = np.asarray(std, np.float32)
+    if normalization is None:
+      normalization = transforms.Normalization(
+          tuple(float(v) for v in (IMAGENET_MEAN if mean is None else mean)),
+          tuple(float(v) for v in (IMAGENET_STD if std is None else std)))
+    self.normalization = normalization
+    self.spec = spec or evaluate.EvalSpec()
+    self._views = evaluate.MultiViewPredictor(
+        model.apply, _num_classes(model), self.spec, pad_multiple=_PAD_MULTIPLE)
 
-    def fn(variables, x):
-      return jnp.argmax(model.apply(variables, x, train=False).logits, axis=-1)
-
-    self._fn = jax.jit(fn)
+  @classmethod
+  def from_config(cls, config, model, variables: dict[str, Any]) -> Predictor:
+    """Normalisation from ``config.dataset``, inference mode from ``config.eval``."""
+    from semseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top (imports grain)
+    return cls(model, variables, spec=evaluate.validate_eval_config(config),
+               normalization=pipeline.normalization(config.dataset))
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
     """``[H, W, 3]`` uint8 -> ``[H, W]`` uint8 class ids (any H, W)."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
       raise ValueError(f'expected an RGB image [H, W, 3], got shape {image.shape}')
-    h, w = image.shape[:2]
-    x = (image.astype(np.float32) - self.mean) / self.std
-    ph, pw = -h % _PAD_MULTIPLE, -w % _PAD_MULTIPLE
-    x = np.pad(x, ((0, ph), (0, pw), (0, 0)))  # Zero = the mean colour after normalising.
-    pred = self._fn(self.variables, x[None])[0, :h, :w]
+    x = self.normalization(image)
+    pred = self._views.predictions(self.variables, x[None])[0]
     return np.asarray(pred, np.uint8)
+
+
+def _num_classes(model) -> int:
+  num_classes = getattr(model, 'num_classes', None)
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f'cannot tell the number of classes of {type(model).__name__}: '
+                     'it has no positive int attribute num_classes')
+  return num_classes
 
 
 def _as_image_list(images) -> tuple[list[np.ndarray], str]:
@@ -62,7 +97,8 @@ def _as_image_list(images) -> tuple[list[np.ndarray], str]:
 
 def predict(images, *, workdir: str | None = None, model=None,
             variables: dict[str, Any] | None = None, checkpoint: str = 'latest',
-            mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+            mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+            spec: evaluate.EvalSpec | None = None):
   """Label maps for ``images``.
 
   Args:
@@ -70,14 +106,16 @@ def predict(images, *, workdir: str | None = None, model=None,
       images of any sizes, or image file paths.
     workdir: a training workdir; its config and ``checkpoint`` ('latest' or
       'best') are loaded. Otherwise pass ``model`` and ``variables``.
-    mean, std: normalisation (0-255 units); default: the workdir's config, or
-      ImageNet's.
+    mean, std: RGB normalisation (0-255 units); default: the workdir's
+      ``config.dataset`` normalisation, or ImageNet's.
+    spec: whole/slide, scales and flip; default: the workdir's ``config.eval``,
+      or one whole-image view.
 
   Returns:
     uint8 class ids: ``[H, W]`` for one image, ``[N, H, W]`` for a batch, a list
     for a list.
   """
-  predictor = _make_predictor(workdir, model, variables, checkpoint, mean, std)
+  predictor = _make_predictor(workdir, model, variables, checkpoint, mean, std, spec)
   items, kind = _as_image_list(images)
   preds = [predictor(im) for im in items]
   if kind == 'single':
@@ -85,17 +123,19 @@ def predict(images, *, workdir: str | None = None, model=None,
   return np.stack(preds) if kind == 'batch' else preds
 
 
-def _make_predictor(workdir, model, variables, checkpoint, mean, std) -> Predictor:
+def _make_predictor(workdir, model, variables, checkpoint, mean, std, spec) -> Predictor:
   if workdir is not None:
     from semseg_jax import train  # pylint: disable=g-import-not-at-top (train imports us)
     config = train.load_config_from_workdir(workdir)
+    from semseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top (imports grain)
     model, variables, _ = train.restore_variables(config, workdir, checkpoint)
-    mean = mean if mean is not None else tuple(config.dataset.mean)
-    std = std if std is not None else tuple(config.dataset.std)
-  elif model is None or variables is None:
+    normalization = (pipeline.normalization(config.dataset) if mean is None and std is None
+                     else None)
+    return Predictor(model, variables, mean=mean, std=std, normalization=normalization,
+                     spec=spec or evaluate.validate_eval_config(config))
+  if model is None or variables is None:
     raise ValueError('predict() needs workdir=... or both model=... and variables=...')
-  return Predictor(model, variables, mean=mean if mean is not None else IMAGENET_MEAN,
-                   std=std if std is not None else IMAGENET_STD)
+  return Predictor(model, variables, mean=mean, std=std, spec=spec)
 
 
 def read_image(path: str) -> np.ndarray:

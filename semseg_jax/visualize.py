@@ -1,18 +1,10 @@
 """Drawing label maps: colour palettes, overlays and side-by-side panels."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 from PIL import Image
 
 IGNORE_COLOR = (255, 255, 255)
-
-
-def denormalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """Inverse of the pipeline's normalisation: float images -> uint8 in 0..255."""
-  out = np.asarray(images, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def colorize(label_map: np.ndarray, palette: np.ndarray) -> np.ndarray:
