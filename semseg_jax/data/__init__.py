@@ -10,6 +10,12 @@ name is a TFDS dataset prepared in ArrayRecord format and read with
 metadata with :func:`register_dataset` when imported; builder modules are
 listed in ``_DATASET_MODULES`` and imported lazily, on the first lookup of a
 name that is not registered yet, so ``import semseg_jax`` stays cheap.
+
+Errors: bad input raises one of two ``ValueError`` subclasses with a one-line
+message, never a bare decoder error: :class:`DatasetNotFoundError` (unknown
+name, nothing prepared in ``data_dir``) and :class:`BadInputError` (a corrupt,
+truncated or oversized image, a label of the wrong size, shape or dtype, a
+label value that is not a class id; the message names the file).
 """
 from __future__ import annotations
 
@@ -33,6 +39,14 @@ SHAPES_HINT = (f'--config.dataset.name=shapes --config.num_classes={shapes.NUM_C
 
 class DatasetNotFoundError(ValueError):
   """The requested dataset is unknown or not prepared in ``data_dir``."""
+
+
+class BadInputError(ValueError):
+  """A raw image or label (or a prepared record) is unusable.
+
+  The message is one line that names the file (or record) and the problem.
+  Raised by the dataset builders (``builders.base``) and ``data.check``.
+  """
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

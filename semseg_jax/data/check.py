@@ -78,6 +78,26 @@ def _text(value: Any) -> str:
   return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
 
 
+def _read_label(record: Any, i: int) -> tuple[np.ndarray, str]:
+  """The record's integer ``[H, W]`` label and its file name; BadInputError if malformed."""
+  name = f'record {i}'
+  if hasattr(record, 'get') and record.get('file_name') is not None:
+    name = _text(record['file_name'])
+  if not hasattr(record, 'get') or record.get('label') is None:
+    raise data_lib.BadInputError(f'{name}: record has no label (keys: '
+                                 f'{sorted(record) if hasattr(record, "keys") else "none"})')
+  try:
+    label = np.asarray(record['label'])
+  except (TypeError, ValueError) as e:
+    raise data_lib.BadInputError(f'{name}: label is not an array ({e})') from None
+  if label.ndim == 3 and label.shape[-1] == 1:
+    label = label[..., 0]
+  if label.ndim != 2 or not np.issubdtype(label.dtype, np.integer):
+    raise data_lib.BadInputError(f'{name}: label has shape {label.shape} and dtype '
+                                 f'{label.dtype}, expected integer [H, W] or [H, W, 1]')
+  return label, name
+
+
 def check_source(source: Sequence[Any], info: data_lib.DatasetInfo, split: str,
                  limit: int | None = None) -> SplitReport:
   """Scans the records of ``source`` (``len``/``[i]`` -> ``{image, label, file_name}``).
@@ -87,6 +107,10 @@ def check_source(source: Sequence[Any], info: data_lib.DatasetInfo, split: str,
     info: the dataset's metadata (K, names, palette, ignore index).
     split: the split name, for the report only.
     limit: read only the first ``limit`` records (None = all).
+
+  Raises:
+    data.BadInputError: a record has no label, or one that is not an integer
+      ``[H, W]`` (or ``[H, W, 1]``) array; the message names its file.
   """
   k = info.num_classes
   report = SplitReport(info.name, split, info.class_names, info.palette, info.ignore_index,
@@ -94,11 +118,8 @@ def check_source(source: Sequence[Any], info: data_lib.DatasetInfo, split: str,
   n = len(source) if limit is None else min(limit, len(source))
   lo, hi = [math.inf, math.inf], [0, 0]
   for i in range(n):
-    record = source[i]
-    label = np.asarray(record['label'])
-    if label.ndim == 3 and label.shape[-1] == 1:
-      label = label[..., 0]
-    h, w = label.shape[:2]
+    label, name = _read_label(source[i], i)
+    h, w = label.shape
     lo, hi = [min(lo[0], h), min(lo[1], w)], [max(hi[0], h), max(hi[1], w)]
     values = label.reshape(-1).astype(np.int64)
     negative = np.unique(values[values < 0]).tolist() if values.min(initial=0) < 0 else []
@@ -110,7 +131,7 @@ def check_source(source: Sequence[Any], info: data_lib.DatasetInfo, split: str,
     bad = negative + [v for v in np.flatnonzero(counts).tolist()
                       if v >= k and v != info.ignore_index]
     if bad:
-      report.bad_files.append((_text(record.get('file_name', f'record {i}')), bad))
+      report.bad_files.append((name, bad))
   report.num_images = n
   if n:
     report.min_size, report.max_size = (int(lo[0]), int(lo[1])), (hi[0], hi[1])

@@ -41,8 +41,10 @@ LabelLike = Union[None, np.ndarray, bytes, str, os.PathLike, Callable[[], Any]]
 ImageLike = Union[bytes, str, os.PathLike]
 
 
-class BadInputError(ValueError):
-  """A raw image or label is unusable; the message names the file and the problem."""
+# A raw image or label is unusable; the message names the file and the problem.
+# Defined in semseg_jax.data (which does not import TFDS) so that every reader
+# raises the same type.
+BadInputError = data_lib.BadInputError
 
 
 def encode_png_gray(label: np.ndarray) -> bytes:
@@ -68,7 +70,8 @@ def read_label_png(source: bytes | str | os.PathLike, name: str | None = None) -
     uint8 ``[H, W]`` (uint16 / int32 for 16-bit PNGs).
 
   Raises:
-    BadInputError: unreadable, truncated, or not a single-channel image.
+    BadInputError: unreadable, truncated, too large (PIL's decompression-bomb
+      limit), or not a single-channel image.
   """
   name = name or (os.fspath(source) if not isinstance(source, bytes) else '<bytes>')
   try:
@@ -81,7 +84,7 @@ def read_label_png(source: bytes | str | os.PathLike, name: str | None = None) -
       arr = np.asarray(img)
   except BadInputError:
     raise
-  except (OSError, SyntaxError, ValueError) as e:
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise BadInputError(f'{name}: unreadable label image ({one_line(e)})') from None
   if arr.dtype == bool:
     arr = arr.astype(np.uint8)
