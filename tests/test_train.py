@@ -180,3 +180,25 @@ def test_batch_not_divisible_by_devices_is_an_error():
   mesh = sharding.create_mesh()
   with pytest.raises(ValueError, match='config.batch_size=0'):
     sharding.check_batch_size(0, mesh)
+
+
+def test_a_non_finite_step_changes_nothing():
+  config = tiny_config()
+  mesh = sharding.create_mesh(jax.devices()[:1])
+  state = train.create_train_state(config, train.create_model(config), mesh)
+  step = train.make_train_step(config, mesh, jax.tree.map(lambda x: x.sharding, state))
+  before = jax.device_get(state)
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
+  label = rng.integers(0, 6, size=(4, 32, 32)).astype(np.int32)
+  bad = sharding.make_global_batch({'image': np.where(image > 2, np.inf, image), 'label': label},
+                                   mesh)
+  state, metrics = step(state, bad, jax.random.key(0))
+  assert float(metrics['skipped']) == 1.0 and not np.isfinite(float(metrics['loss']))
+  for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(before)):
+    assert np.array_equal(a, b)
+  good = sharding.make_global_batch({'image': image, 'label': label}, mesh)
+  state, metrics = step(state, good, jax.random.key(0))
+  assert float(metrics['skipped']) == 0.0 and int(state.step) == 1
+  assert not np.array_equal(jax.device_get(state.params['final']['kernel']),
+                            before.params['final']['kernel'])
