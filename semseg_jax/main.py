@@ -4,6 +4,7 @@
     python -m semseg_jax.main --config=configs/fcn8s.py --workdir=DIR --config.batch_size=16
     python -m semseg_jax.main --workdir=DIR --mode=eval            # config from DIR/config.json
     python -m semseg_jax.main --workdir=DIR --mode=predict --input='imgs/*.jpg' --output=out/
+    python -m semseg_jax.main --workdir=DIR --mode=export --export_format=onnx
 """
 import os
 import sys
@@ -17,24 +18,36 @@ from ml_collections import config_flags
 from semseg_jax import config as config_lib
 from semseg_jax import data as data_lib
 from semseg_jax import evaluate
+from semseg_jax import export
 from semseg_jax import inference
 from semseg_jax import sharding
 from semseg_jax import train
+from semseg_jax import writers
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/*.py); --config.KEY=VALUE overrides a field.',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, events, predictions.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export'], 'What to do.')
 flags.DEFINE_string('input', None, 'predict: an image, a directory or a glob.')
 flags.DEFINE_string('output', None, 'predict: output directory (default WORKDIR/predictions).')
 flags.DEFINE_string('labels', None,
                     "predict: optional ground-truth pattern, e.g. 'gt/{stem}.png'.")
+flags.DEFINE_enum('export_format', 'stablehlo', list(export.FORMATS),
+                  'export: jax.export StableHLO, ONNX ([onnx] extra) or TF SavedModel ([tf]).')
+flags.DEFINE_string('export_dir', None, 'export: output directory (default WORKDIR/export/FORMAT).')
+flags.DEFINE_string('export_batch', 'polymorphic', "export: 'polymorphic' or a fixed batch N.")
+flags.DEFINE_string('export_size', None,
+                    "export: 'H,W', or 'polymorphic' (any multiple of 32 where the network "
+                    'allows); default config.dataset.image_size.')
+flags.DEFINE_enum('export_output', 'logits', list(export.OUTPUTS),
+                  'export: normalised float32 image -> logits, or uint8 image -> uint8 labels.')
 
 # Errors that are the user's to fix: reported in one line, without a traceback.
+# A non-finite loss (FloatingPointError) names its step; the last good checkpoint stays.
 _USER_ERRORS = (config_lib.ConfigError, data_lib.DatasetNotFoundError, FileNotFoundError,
-                OSError)
+                OSError, export.ExportError, data_lib.BadInputError, FloatingPointError)
 
 
 def _config():
@@ -66,17 +79,30 @@ def run(mode: str) -> None:
       print(f'{config.eval_checkpoint} checkpoint, step {step}, split '
             f'{config.dataset.eval_split!r}:')
       print(evaluate.write_report(scores, info.class_names, workdir, f'eval_step_{step}'))
+      with writers.TensorBoardWriter(workdir) as writer:
+        evaluate.log_scores(writer, step, scores, info.class_names)
   elif mode == 'predict':
     if not FLAGS.input:
       raise config_lib.ConfigError('--mode=predict needs --input=PATH_OR_GLOB')
     info = data_lib.get_dataset_info(config.dataset.name, data_dir=config.dataset.data_dir)
     model, variables, _ = train.restore_variables(config, workdir, config.eval_checkpoint)
-    predictor = inference.Predictor(model, variables, mean=config.dataset.mean,
-                                    std=config.dataset.std)
+    predictor = inference.Predictor.from_config(config, model, variables)
     output = FLAGS.output or os.path.join(workdir, 'predictions')
     written = inference.predict_files(FLAGS.input, output, predictor, info.palette,
                                       FLAGS.labels)
     print(f'wrote {len(written)} predictions to {output}')
+  elif mode == 'export':
+    out_dir = FLAGS.export_dir or os.path.join(workdir, 'export', FLAGS.export_format)
+    meta = export.export_workdir(config, workdir, fmt=FLAGS.export_format, out_dir=out_dir,
+                                 batch=FLAGS.export_batch, size=FLAGS.export_size,
+                                 output=FLAGS.export_output)
+    if meta.get('note'):
+      print(f'note: {meta["note"]}')
+    check = (f', reloaded max |diff| {meta["max_abs_diff"]:.2e}'
+             if meta['output'] == 'logits' and 'max_abs_diff' in meta else '')
+    print(f'exported {meta["model"]} step {meta["checkpoint"]["step"]} to '
+          f'{os.path.join(out_dir, meta["artifact"])} (input {meta["input"]["dtype"]} '
+          f'{meta["input"]["shape"]}){check}')
 
 
 def main(argv):

@@ -73,3 +73,47 @@ def test_train_then_eval_then_predict(tmp_path):
 
   out = run_main(f'--workdir={workdir}', '--mode=predict', f'--input={tmp_path}/none*.jpg')
   assert out.returncode == 1 and 'matches no file' in last_line(out.stderr)
+
+
+def test_export_stablehlo_and_onnx_then_reload(tmp_path):
+  from semseg_jax import export  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  out = run_main('--config=configs/quickstart.py', f'--workdir={workdir}', *TINY,
+                 '--config.num_train_steps=2', '--config.eval_every_steps=2',
+                 '--config.checkpoint_every_steps=2')
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  # Default: StableHLO, any batch, the config's 32x32, checked against the model on reload.
+  out = run_main(f'--workdir={workdir}', '--mode=export')
+  assert out.returncode == 0, out.stderr[-3000:]
+  artifact = workdir / 'export' / 'stablehlo' / 'model.stablehlo'
+  assert f'to {artifact}' in out.stdout and 'max |diff| 0.00e+00' in out.stdout
+  meta = json.loads((artifact.parent / 'model.stablehlo.json').read_text())
+  assert meta['input']['shape'] == [None, 32, 32, 3] and meta['checkpoint']['step'] == 2
+  assert meta['class_names'][0] == 'background' and len(meta['class_names']) == 6
+  assert meta['normalisation']['channel_order'] == 'RGB' and meta['max_abs_diff'] == 0
+  logits = np.asarray(export.load_stablehlo(str(artifact))(np.zeros((3, 32, 32, 3), np.float32)))
+  assert logits.shape == (3, 32, 32, 6) and np.isfinite(logits).all()
+
+  # ONNX, fixed batch 2, uint8 image -> labels, into --export_dir.
+  onnx_dir = tmp_path / 'onnx'
+  out = run_main(f'--workdir={workdir}', '--mode=export', '--export_format=onnx',
+                 '--export_batch=2', '--export_output=labels', '--export_size=64,32',
+                 f'--export_dir={onnx_dir}')
+  assert out.returncode == 0, out.stderr[-3000:]
+  meta = json.loads((onnx_dir / 'model.onnx.json').read_text())
+  assert meta['input'] == {'name': 'image', 'shape': [2, 64, 32, 3], 'dtype': 'uint8',
+                           'layout': 'NHWC', 'spatial_multiple': None, 'normalised': False}
+  assert meta['max_abs_diff'] == 0  # Fraction of labels that differ from the jitted model.
+  labels = export.load_onnx(str(onnx_dir / 'model.onnx'))(np.zeros((2, 64, 32, 3), np.uint8))
+  assert labels.shape == (2, 64, 32) and labels.dtype == np.uint8 and labels.max() < 6
+
+  # Polymorphic spatial size: U-Net crops need concrete sizes, so a fixed-size fallback + note.
+  out = run_main(f'--workdir={workdir}', '--mode=export', '--export_size=polymorphic',
+                 f'--export_dir={tmp_path / "poly"}')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'note: ' in out.stdout and 'fixed size 32x32' in out.stdout
+
+  out = run_main(f'--workdir={workdir}', '--mode=export', '--export_size=32')
+  assert out.returncode == 1 and "--export_size='32'" in last_line(out.stderr), out.stderr[-2000:]
+  assert 'Traceback' not in out.stderr
