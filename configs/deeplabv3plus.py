@@ -34,6 +34,7 @@ Datasets: build `voc2012` / `cityscapes` with TFDS first (README, "Datasets").
 import ml_collections
 from ml_collections import config_dict
 
+from configs import datasets
 from configs import default
 
 
@@ -69,20 +70,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.hflip = True  # Paper: random left-right flips.
   config.dataset.scale_range = (0.5, 2.0)  # Paper: random scale 0.5-2.0.
   if dataset == 'voc':
-    config.num_classes = 21
-    config.dataset.name = 'voc2012'
-    config.dataset.train_split = 'train_aug'  # VOC train + SBD, 10,582 images.
-    config.dataset.eval_split = 'validation'  # 1,449 images.
-    config.dataset.image_size = (513, 513)  # Paper's crop; VOC images (<= 500) are padded for eval.
+    # train_aug (VOC + SBD, 10,582), validation 1,449 padded to 512x512; paper's crop 513.
+    datasets.voc(config, crop=(513, 513))
     config.optimizer.learning_rate = 0.007  # Paper: 0.007.
     config.num_train_steps = 30_000  # Paper: 30k iterations on train_aug.
     config.eval_batch_size = 16
   else:
-    config.num_classes = 19
-    config.dataset.name = 'cityscapes'
-    config.dataset.train_split = 'train'  # train_fine, 2,975 images.
-    config.dataset.eval_split = 'validation'  # 500 images.
-    config.dataset.image_size = (769, 769)  # TF reference train_crop_size 769.
+    # train_fine 2,975 / validation 500 at 1024x2048; TF reference train_crop_size 769.
+    datasets.cityscapes(config, crop=(769, 769))
     config.optimizer.learning_rate = 0.01
     config.num_train_steps = 90_000  # TF reference: 90k iterations.
     config.eval_batch_size = 8

@@ -26,6 +26,7 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
+from configs import datasets
 from configs import default
 
 _CITYSCAPES_TRAIN_IMAGES = 2975
@@ -56,12 +57,9 @@ def get_config():
   config.model.name = 'enet'
   config.model.stage1_dropout_rate = 0.01  # Spatial dropout in bottlenecks 1.x.
   config.model.dropout_rate = 0.1  # Spatial dropout in bottlenecks 2.x and 3.x.
-  config.num_classes = 19
-  config.dataset.name = 'cityscapes'
-  config.dataset.train_split = 'train'  # 2975 fine images.
-  config.dataset.eval_split = 'validation'  # 500 images, shrunk to 512x1024.
-  config.dataset.image_size = (512, 1024)  # Paper: 1024x2048 images downscaled by 2.
-  config.dataset.scale_range = (0.5, 0.5)  # Exactly half size, so the crop is the image.
+  # Paper: 1024x2048 images downscaled by 2 for training and evaluation (2975 / 500 images).
+  datasets.cityscapes(config, crop=(512, 1024), resize=(512, 1024))
+  config.dataset.scale_range = None  # The resized image is the crop.
   config.dataset.hflip = False  # Paper / authors' loader: no augmentation.
   config.dataset.vflip = False
   config.loss.class_weights = None  # Paper: 1 / ln(1.02 + p_class); see the docstring.

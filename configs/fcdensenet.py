@@ -21,6 +21,7 @@ is 255 (ignored), as the paper ignores void.
 """
 import ml_collections
 
+from configs import datasets
 from configs import default
 
 # (layers per dense block: down path, bottleneck, up path; growth rate)
@@ -49,11 +50,8 @@ def get_config(arg=None):
   # The paper normalises test batches by their own statistics; running
   # averages make predictions independent of the batch (set True to follow it).
   config.model.batch_stats_at_eval = False
-  config.num_classes = 11
-  config.dataset.name = 'camvid'
-  config.dataset.train_split = 'train'  # 367 images.
-  config.dataset.eval_split = 'validation'  # 101 images (the paper early-stops on it).
-  config.dataset.image_size = (224, 224)  # Paper: random 224x224 crops (eval pads 360x480 up).
+  # 367 train images, 101 validation (the paper early-stops on it), evaluated at 360x480.
+  datasets.camvid(config, crop=(224, 224))  # Paper: random 224x224 crops.
   config.dataset.scale_range = None  # Paper: no rescaling.
   config.dataset.hflip = True  # Authors' code: horizontal flips (the paper says "vertical").
   config.dataset.vflip = False

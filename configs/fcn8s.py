@@ -17,17 +17,14 @@ batch_size to a multiple of their count and scale the learning rate with it.
 """
 import ml_collections
 
+from configs import datasets
 from configs import default
 
 
 def get_config():
   config = default.get_config()
   config.model = ml_collections.ConfigDict({'name': 'fcn8s'})
-  config.num_classes = 21
-  config.dataset.name = 'voc2012'
-  config.dataset.train_split = 'train_aug'
-  config.dataset.eval_split = 'validation'
-  config.dataset.image_size = (512, 512)  # VOC images are <= 500x500: pad, never crop.
+  datasets.voc(config, crop=(512, 512))  # train_aug; VOC images are <= 500x500: pad, never crop.
   config.dataset.scale_range = None
   config.dataset.hflip = True
   config.batch_size = 1

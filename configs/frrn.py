@@ -26,6 +26,7 @@ Build the ``cityscapes`` TFDS dataset first (README, "Datasets").
 """
 import ml_collections
 
+from configs import datasets
 from configs import default
 
 # model type -> (registry name, train/eval size, bootstrap K = 512 * multiplier)
@@ -49,13 +50,9 @@ def get_config(arg=None):
   config.model.n_groups = 16  # GroupNorm groups (upstream's default).
   config.model.share_pooled_input = False  # True = upstream's FRRU wiring.
   config.model.width_mult = 1.0  # Paper widths: 48 base, 32 residual lanes.
-  config.num_classes = 19
-  config.dataset.name = 'cityscapes'
-  config.dataset.train_split = 'train'
-  config.dataset.eval_split = 'validation'
-  config.dataset.image_size = size  # A: 1/4, B: 1/2 of 1024x2048.
+  datasets.cityscapes(config, crop=size, resize=size)  # A: 1/4, B: 1/2 of 1024x2048.
   # Fixed subsampling of the 1024x2048 frames.
-  config.dataset.scale_range = (size[0] / 1024, size[0] / 1024)
+  config.dataset.scale_range = None  # Every image is resized to `size`.
   config.dataset.hflip = False  # The authors do not flip.
   config.loss.name = 'bootstrapped_cross_entropy'
   config.loss.bootstrap_k = bootstrap_k  # Hardest pixels per image.

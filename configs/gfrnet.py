@@ -20,6 +20,7 @@ Dataset: build `camvid` / `voc2012` with TFDS first (README, "Datasets").
 """
 import ml_collections
 
+from configs import datasets
 from configs import default
 
 # Median-frequency weights of the released prototxt (SegNet's CamVid order:
@@ -57,21 +58,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every_steps = 5000
   config.checkpoint_every_steps = 5000
   if dataset == 'camvid':
-    config.num_classes = 11
-    config.dataset.name = 'camvid'
-    config.dataset.train_split = 'train'  # 367 images (SegNet split).
+    datasets.camvid(config, crop=(360, 480))  # Whole images, no crop; 367 train images.
     config.dataset.eval_split = 'test'  # 233 images, as the paper reports.
-    config.dataset.image_size = (360, 480)  # Whole images, no crop.
     config.dataset.scale_range = None  # Released data layer: no augmentation.
     config.dataset.hflip = False
     config.loss.class_weights = _CAMVID_CLASS_WEIGHTS  # Released prototxt.
     config.eval_batch_size = 6
   else:
-    config.num_classes = 21
-    config.dataset.name = 'voc2012'
-    config.dataset.train_split = 'train_aug'  # VOC train + SBD, 10,582 images.
-    config.dataset.eval_split = 'validation'
-    config.dataset.image_size = (512, 512)  # VOC is <= 500x500: eval pads, never shrinks.
+    datasets.voc(config, crop=(512, 512))  # train_aug; VOC is <= 500x500: eval pads.
     config.dataset.scale_range = (0.5, 2.0)  # Our choice.
     config.dataset.hflip = True
     config.eval_batch_size = 6

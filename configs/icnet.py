@@ -28,6 +28,7 @@ pads/shrinks to the crop). Build the ``cityscapes`` TFDS dataset first
 """
 import ml_collections
 
+from configs import datasets
 from configs import default
 
 
@@ -47,12 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'repeat_res3_identity': False,  # True = upstream's extra BN-stat pass.
       'width_mult': 1.0,  # The paper's (pruned) widths.
   })
-  config.num_classes = 19
   config.loss.aux_weights = (0.4, 0.16)  # Paper: 1 / 0.4 / 0.16 for 1/4, 1/8, 1/16.
-  config.dataset.name = 'cityscapes'
-  config.dataset.train_split = 'train'  # train_fine, 2,975 images.
-  config.dataset.eval_split = 'validation'  # 500 images.
-  config.dataset.image_size = (713, 713)  # Crop (not in the paper; PSPNet's).
+  # train_fine 2,975 / validation 500, evaluated at 1024x2048. Crop 713 (not in the paper;
+  # PSPNet's). Weights converted from the authors' Caffe model want normalization='caffe_bgr'.
+  datasets.cityscapes(config, crop=(713, 713))
   config.dataset.scale_range = (0.5, 2.0)  # Paper: random resize 0.5-2.
   config.dataset.hflip = True  # Paper: random mirror.
   config.batch_size = 16  # Paper: 16.

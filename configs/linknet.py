@@ -17,6 +17,7 @@ Datasets: build `cityscapes` / `camvid` with TFDS first (README, "Datasets").
 """
 import ml_collections
 
+from configs import datasets
 from configs import default
 
 # name -> (num_classes, image_size (H, W), downscale of the stored images,
@@ -40,12 +41,10 @@ def get_config(arg=None):
       'encoder_depth': 18,  # Paper: ResNet-18 encoder.
       'width_mult': 1.0,  # Paper widths (64..512, final block 32).
   })
-  config.num_classes = num_classes
-  config.dataset.name = name
-  config.dataset.train_split = 'train'
-  config.dataset.eval_split = 'validation'
-  config.dataset.image_size = image_size  # Paper: whole downsampled images, no crop.
-  config.dataset.scale_range = (scale, scale)  # Fixed downsampling to the paper's size.
+  # Paper: whole images downsampled to `image_size`, no crop, for training and evaluation.
+  datasets.PRESETS[name](config, crop=image_size, resize=image_size)
+  assert config.num_classes == num_classes
+  config.dataset.scale_range = None
   config.dataset.hflip = False  # Paper/authors' code: no augmentation.
   config.loss.class_weights = None  # Paper: ENet's 1/ln(1.02 + p_class); give the K weights here.
   config.batch_size = 8  # Authors' opts.lua.

@@ -33,6 +33,7 @@ Datasets: build ``voc2012`` / ``cityscapes`` / ``ade20k`` with TFDS first
 """
 import ml_collections
 
+from configs import datasets
 from configs import default
 
 # dataset -> (TFDS name, classes, ResNet blocks, crop, iterations, train split)
@@ -60,12 +61,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'dropout_rate': 0.1,  # Paper's Dropout2d before both classifiers.
       'width_mult': 1.0,  # Paper widths (2048 at res5, 512 per pyramid branch).
   })
-  config.num_classes = num_classes
   config.loss.aux_weights = (0.4,)  # Paper: auxiliary loss weight 0.4 on res4.
-  config.dataset.name = name
-  config.dataset.train_split = train_split  # VOC: train + SBD, 10,582 images.
-  config.dataset.eval_split = 'validation'
-  config.dataset.image_size = crop  # Paper / upstream input_size: 473 or 713.
+  # Paper / upstream input_size 473 or 713; VOC trains on train_aug (VOC + SBD, 10,582).
+  # Weights converted from the authors' Caffe model want normalization='caffe_bgr'.
+  datasets.PRESETS[dataset](config, crop=crop)
+  assert (config.dataset.name, config.num_classes, config.dataset.train_split) == (
+      name, num_classes, train_split)
   config.dataset.scale_range = (0.5, 2.0)  # Paper: random resize 0.5-2.
   config.dataset.hflip = True  # Paper: random mirror.
   config.batch_size = 16  # Paper: 16, BatchNorm over the whole batch.

@@ -29,6 +29,7 @@ Dataset: build `voc2012` with TFDS first (README, "Datasets").
 """
 import ml_collections
 
+from configs import datasets
 from configs import default
 
 
@@ -42,12 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
       'freeze_bn': False,  # Authors: True with ImageNet weights (see the docstring).
       'width_mult': 1.0,  # Paper widths: 512 (RefineNet-4) and 256.
   })
-  config.num_classes = 21
   config.loss.aux_weights = ()  # No auxiliary outputs.
-  config.dataset.name = 'voc2012'
-  config.dataset.train_split = 'train_aug'  # VOC train + SBD, 10,582 images.
-  config.dataset.eval_split = 'validation'  # 1,449 images.
-  config.dataset.image_size = (512, 512)  # Authors: 400 crops; 512 for whole-image eval.
+  # train_aug (VOC + SBD, 10,582), validation 1,449. Authors: 400 crops; ours 512.
+  datasets.voc(config, crop=(512, 512))
   config.dataset.scale_range = (0.7, 1.3)  # Authors: scales 0.7:0.1:1.3.
   config.dataset.hflip = True  # Authors: random horizontal flips.
   config.batch_size = 1  # Authors: batch_size 1.

@@ -20,6 +20,7 @@ Build the ``camvid`` TFDS dataset first (README, "Datasets").
 """
 import ml_collections
 
+from configs import datasets
 from configs import default
 
 
@@ -31,11 +32,7 @@ def get_config():
   config.model.width_mult = 1.0  # 64..512 channels, VGG16's.
   config.model.ceil_mode = True  # Caffe pooling; False = upstream (H, W >= 32).
   config.model.final_bn_relu = False  # True = upstream's BN+ReLU on the scores.
-  config.num_classes = 11
-  config.dataset.name = 'camvid'
-  config.dataset.train_split = 'train'
-  config.dataset.eval_split = 'validation'
-  config.dataset.image_size = (360, 480)  # Whole CamVid frames, no crop.
+  datasets.camvid(config, crop=(360, 480))  # Whole CamVid frames, no crop.
   config.dataset.scale_range = None  # The tutorial does not augment.
   config.dataset.hflip = False
   config.loss.name = 'cross_entropy'

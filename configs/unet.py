@@ -16,6 +16,7 @@ overlap-tile strategy with the same weights).
 """
 import ml_collections
 
+from configs import datasets
 from configs import default
 
 
@@ -28,11 +29,7 @@ def get_config():
   config.model.in_channels = 3
   config.model.is_batchnorm = True  # Upstream's default (the paper predates BatchNorm).
   config.model.padding = 'same'  # 'same' | 'valid' (upstream) | 'tile' (paper).
-  config.num_classes = 11
-  config.dataset.name = 'camvid'
-  config.dataset.train_split = 'train'
-  config.dataset.eval_split = 'validation'
-  config.dataset.image_size = (360, 480)  # Whole frames.
+  datasets.camvid(config, crop=(360, 480))  # Whole frames.
   config.dataset.scale_range = (0.75, 1.25)  # Stands in for elastic deformation.
   config.dataset.hflip = True
   config.batch_size = 1  # Paper: one tile per step.
