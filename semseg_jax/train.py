@@ -104,6 +104,13 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
   """The network named by ``config.model.name`` with its options and dtype."""
   kwargs = {k: v for k, v in config.model.items() if k != 'name'}
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  if config.remat:  # Per-block jax.checkpoint, where the network offers it.
+    if 'remat' not in models.model_options(config.model.name):
+      supported = [n for n in models.list_models() if 'remat' in models.model_options(n)]
+      raise config_lib.ConfigError(
+          f'config.remat=True: network {config.model.name!r} has no per-block '
+          f'rematerialisation; networks with it: {", ".join(supported)}')
+    kwargs['remat'] = True
   return models.get_model(config.model.name, num_classes=config.num_classes,
                           dtype=jnp.dtype(config.dtype), **kwargs)
 

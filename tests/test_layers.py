@@ -382,3 +382,122 @@ def test_crop_and_center_crop():
                                 np.asarray(x)[:, 1:5, 1:5])
   with pytest.raises(ValueError, match='does not fit'):
     layers.crop(x, 3, (4, 4))
+
+
+# ----------------------------------------------- matmul weight-gradient conv
+
+
+def _conv_loss(conv_fn, padding, dil, stride=(1, 1)):
+  def loss(x, w):
+    y = conv_fn(x, w, stride, padding, rhs_dilation=dil,
+                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    # A fixed non-uniform cotangent so every tap's gradient differs.
+    return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
+  return loss
+
+
+@pytest.mark.parametrize('k,padding,dil,stride', [
+    (3, ((1, 1), (1, 1)), (1, 1), (1, 1)),
+    (3, ((2, 2), (2, 2)), (2, 2), (1, 1)),
+    (3, ((0, 1), (2, 0)), (1, 2), (1, 1)),
+    (1, ((0, 0), (0, 0)), (1, 1), (1, 1)),
+    (7, 'VALID', (1, 1), (1, 1)),
+    (3, 'SAME', (1, 1), (1, 1)),
+    (3, ((1, 1), (1, 1)), (1, 1), (2, 2)),  # strided: plain lax path
+])
+def test_fast_conv_matches_lax_values_and_grads(k, padding, dil, stride):
+  rng = _rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 11, 9, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
+  ref = _conv_loss(jax.lax.conv_general_dilated, padding, dil, stride)
+  fast = _conv_loss(layers.fast_conv_general_dilated, padding, dil, stride)
+  np.testing.assert_allclose(fast(x, w), ref(x, w), rtol=1e-5)
+  (gx, gw), (rx, rw) = (jax.jit(jax.grad(f, (0, 1)))(x, w)
+                        for f in (fast, ref))
+  np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5 * np.abs(rx).max())
+  np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-5 * np.abs(rw).max())
+  # The custom VJP is really used on the stride-1 path: its weight gradient
+  # is built from dot products, not a backward convolution.
+  hlo = jax.jit(jax.grad(fast, 1)).lower(x, w).as_text()
+  assert ('convolution' not in hlo) == (stride == (1, 1)), hlo.count('conv')
+
+
+def test_fast_conv_threshold_routes_conv_modules():
+  rng = _rng(3)
+  x = jnp.asarray(rng.normal(size=(1, 8, 8, 4)), jnp.float32)
+  module = layers.conv(4, 3, padding=1)
+  variables = module.init(jax.random.key(0), x)
+
+  def run():  # jaxpr, output, grads; the threshold is read at trace time
+    grads = jax.grad(lambda v: jnp.sum(module.apply(v, x) ** 2))(variables)
+    return (str(jax.make_jaxpr(module.apply)(variables, x)),
+            module.apply(variables, x), grads)
+
+  plain = run()
+  try:
+    layers.set_fast_conv_threshold(4)
+    fast = run()
+    layers.set_fast_conv_threshold(5)  # narrower than the threshold
+    assert 'custom_vjp' not in run()[0]
+  finally:
+    layers.set_fast_conv_threshold(None)
+  assert 'custom_vjp' in fast[0] and 'custom_vjp' not in plain[0]
+  np.testing.assert_allclose(fast[1], plain[1], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(fast[2]), jax.tree.leaves(plain[2])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match='min_channels'):
+    layers.set_fast_conv_threshold(0)
+
+
+def test_maybe_remat_keeps_names_and_values():
+  import flax.linen as nn
+
+  class Block(nn.Module):
+    remat: bool
+
+    def _body(self, h, train):
+      return layers.ConvBNAct(3, 3, padding=1, name='cbr')(h, train=train)
+
+    @nn.compact
+    def __call__(self, h, *, train):
+      return layers.maybe_remat(Block._body, self.remat, (2,))(self, h, train)
+
+  x = jnp.asarray(_rng(5).normal(size=(2, 6, 6, 2)), jnp.float32)
+  outs = []
+  for remat in (False, True):
+    m = Block(remat)
+    v = m.init(jax.random.key(0), x, train=False)
+    y, new = m.apply(v, x, train=True, mutable=['batch_stats'])
+    outs.append((jax.tree.structure(v), y, new))
+  assert outs[0][0] == outs[1][0]
+  np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-6)
+  np.testing.assert_allclose(outs[1][2]['batch_stats']['cbr']['bn']['mean'],
+                             outs[0][2]['batch_stats']['cbr']['bn']['mean'],
+                             rtol=1e-6)
+
+
+def test_conv_small_output_large_kernel_uses_tap_input_gradient():
+  """FCN's fc6 shape (7x7 VALID on a tiny map): the default conv computes
+  the input gradient with matmuls (XLA:CPU's conv there is ~15x slower)
+  and it equals XLA's; roomy maps keep XLA's convolutions."""
+  rng = _rng(11)
+  for hw, expect_taps in ((10, True), (40, False)):
+    x = jnp.asarray(rng.normal(size=(2, hw, hw, 8)), jnp.float32)
+    module = layers.conv(6, 7, padding=0)
+    variables = module.init(jax.random.key(0), x)
+    cot = jnp.asarray(rng.normal(size=(2, hw - 6, hw - 6, 6)), jnp.float32)
+
+    def loss(v, x, module=module, cot=cot):
+      return jnp.sum(module.apply(v, x) * cot)
+
+    ref = jax.grad(lambda w, x, cot=cot: jnp.sum(jax.lax.conv_general_dilated(
+        x, w, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                             * cot), (0, 1))
+    rw, rx = ref(variables['params']['kernel'], x)
+    gv, gx = jax.grad(loss, (0, 1))(variables, x)
+    np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5 * np.abs(rx).max())
+    np.testing.assert_allclose(gv['params']['kernel'], rw, rtol=1e-5,
+                               atol=1e-5 * np.abs(rw).max())
+    hlo = jax.jit(jax.grad(loss, 1)).lower(variables, x).as_text()
+    assert ('convolution(' not in hlo.split('ENTRY')[-1]) == expect_taps or (
+        hlo.count('convolution(') == 1) == expect_taps

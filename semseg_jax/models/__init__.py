@@ -68,6 +68,15 @@ def _accepted_fields(factory) -> set[str] | None:
   return None
 
 
+def model_options(name: str) -> frozenset[str]:
+  """The options :func:`get_model` accepts for ``name`` (empty if not a dataclass)."""
+  _load_all()
+  if name not in _REGISTRY:
+    raise ValueError(
+        f'unknown model {name!r}; registered models: {", ".join(list_models())}')
+  return frozenset(_accepted_fields(_REGISTRY[name]) or ())
+
+
 def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   """Builds the network registered as ``name``.
 

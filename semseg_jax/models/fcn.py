@@ -63,12 +63,15 @@ class _FCN(nn.Module):
     width_mult: scales VGG and fc6/fc7 widths (1.0 = the paper's network).
     dropout_rate: Dropout2d rate after fc6 and fc7 (whole channels dropped).
     dtype: computation dtype; params float32, logits float32.
+    remat: rematerialise each VGG block in the backward pass (less
+      activation memory; same parameters and values).
   """
   num_classes: int
   upsample: str = 'nearest'
   width_mult: float = 1.0
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
+  remat: bool = False
 
   output_stride: ClassVar[int] = 32
 
@@ -82,7 +85,7 @@ class _FCN(nn.Module):
       raise ValueError(f'FCN expects NHWC input, got shape {x.shape}')
     in_hw = x.shape[1:3]
     feats = VGG16(self.width_mult, conv1_padding=100, dtype=self.dtype,
-                  name='backbone')(x)
+                  remat=self.remat, name='backbone')(x)
     fc_width = scaled_width(4096, self.width_mult)
 
     def drop(h):  # Dropout2d: one mask value per (sample, channel)

@@ -65,6 +65,8 @@ class PSPNet(nn.Module):
     width_mult: scales every channel count (1.0 = the paper's network).
     dtype: computation dtype; params, BatchNorm statistics and logits
       float32.
+    remat: rematerialise every bottleneck and the pyramid pooling module in
+      the backward pass (less activation memory, same values).
   """
   num_classes: int
   block_config: Sequence[int] = (3, 4, 23, 3)
@@ -74,6 +76,7 @@ class PSPNet(nn.Module):
   dropout_rate: float = 0.1
   width_mult: float = 1.0
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> SegmentationOutput:
@@ -87,7 +90,8 @@ class PSPNet(nn.Module):
                        f'{tuple(self.block_config)}')
     in_hw = x.shape[1:3]
     wd = functools.partial(scaled_width, width_mult=self.width_mult)
-    stage = functools.partial(ResidualStage, dtype=self.dtype)
+    stage = functools.partial(ResidualStage, dtype=self.dtype,
+                              remat=self.remat)
     cbr = functools.partial(layers.ConvBNAct, kernel_size=3, padding=1,
                             use_bias=False, dtype=self.dtype)
 
@@ -117,7 +121,7 @@ class PSPNet(nn.Module):
     h = stage(b[3], wd(512), wd(2048), dilation=4,
               name='res_block5')(h, train=train)
     h = PyramidPooling(tuple(self.bins), 'cat', self.pool_mode, 'apply',
-                       self.pool_norm, self.dtype,
+                       self.pool_norm, self.dtype, self.remat,
                        name='pyramid_pooling')(h, train=train)
     h = cbr(wd(512), name='cbr_final')(h, train=train)
     h = classifier('classification')(drop(h))

@@ -58,9 +58,14 @@ class _ConvStack(nn.Module):
   widths: tuple[int, ...]
   last_bn_relu: bool = True
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return layers.maybe_remat(_ConvStack._layers, self.remat, (2,))(
+        self, x, train)
+
+  def _layers(self, x: jax.Array, train: bool) -> jax.Array:
     for i, c in enumerate(self.widths, 1):
       bn_relu = self.last_bn_relu or i < len(self.widths)
       x = layers.ConvBNAct(c, 3, padding=1, norm=bn_relu,
@@ -83,6 +88,8 @@ class SegNet(nn.Module):
     final_bn_relu: upstream's BatchNorm + ReLU on the class scores.
     dtype: computation dtype; params and BN statistics float32, logits
       float32.
+    remat: rematerialise each conv block (encoder and decoder) in the
+      backward pass; pooling indices are kept.
   """
   num_classes: int
   in_channels: int = 3
@@ -90,6 +97,7 @@ class SegNet(nn.Module):
   ceil_mode: bool = True
   final_bn_relu: bool = False
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> SegmentationOutput:
@@ -108,7 +116,8 @@ class SegNet(nn.Module):
     pools = []  # (indices, pre-pool size) per encoder block
     for block, widths in ENCODER:
       widths = tuple(scaled_width(c, self.width_mult) for c in widths)
-      x = _ConvStack(widths, dtype=self.dtype, name=block)(x, train=train)
+      x = _ConvStack(widths, dtype=self.dtype, remat=self.remat,
+                     name=block)(x, train=train)
       hw = x.shape[1:3]
       x, indices = layers.max_pool_with_argmax(x, 2, 2,
                                                ceil_mode=self.ceil_mode)
@@ -123,5 +132,6 @@ class SegNet(nn.Module):
       widths = tuple(self.num_classes if c is None else
                      scaled_width(c, self.width_mult) for c in widths)
       x = _ConvStack(widths, last_bn_relu=not final or self.final_bn_relu,
-                     dtype=self.dtype, name=block)(x, train=train)
+                     dtype=self.dtype, remat=self.remat,
+                     name=block)(x, train=train)
     return SegmentationOutput(logits=x.astype(jnp.float32))

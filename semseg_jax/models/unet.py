@@ -62,9 +62,14 @@ class UNetConv2(nn.Module):
   norm: bool
   padding: int
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return layers.maybe_remat(UNetConv2._convs, self.remat, (2,))(
+        self, x, train)
+
+  def _convs(self, x: jax.Array, train: bool) -> jax.Array:
     for name in ('conv1', 'conv2'):
       x = layers.ConvBNAct(self.features, 3, padding=self.padding,
                            norm=self.norm, dtype=self.dtype, name=name)(
@@ -78,10 +83,15 @@ class UNetUp(nn.Module):
   is_deconv: bool
   padding: int
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, skip: jax.Array, below: jax.Array, *,
                train: bool) -> jax.Array:
+    return layers.maybe_remat(UNetUp._up, self.remat, (3,))(
+        self, skip, below, train)
+
+  def _up(self, skip: jax.Array, below: jax.Array, train: bool) -> jax.Array:
     if self.is_deconv:
       up = layers.ConvTranspose(self.features, 2, 2, dtype=self.dtype,
                                 name='up')(below)
@@ -113,6 +123,7 @@ class UNet(nn.Module):
     is_batchnorm: BatchNorm in the encoder blocks.
     padding: ``'same'``, ``'valid'`` (upstream parity) or ``'tile'``.
     dtype: computation dtype; params float32, logits float32.
+    remat: rematerialise every encoder/decoder block in the backward pass.
   """
   num_classes: int
   feature_scale: float = 4
@@ -121,6 +132,7 @@ class UNet(nn.Module):
   is_batchnorm: bool = True
   padding: str = 'same'
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> SegmentationOutput:
@@ -153,13 +165,13 @@ class UNet(nn.Module):
     skips = []
     for i in range(4):
       x = UNetConv2(filters[i], self.is_batchnorm, pad, self.dtype,
-                    name=f'conv{i + 1}')(x, train=train)
+                    self.remat, name=f'conv{i + 1}')(x, train=train)
       skips.append(x)
       x = layers.max_pool(x, 2, 2)
-    x = UNetConv2(filters[4], self.is_batchnorm, pad, self.dtype,
+    x = UNetConv2(filters[4], self.is_batchnorm, pad, self.dtype, self.remat,
                   name='center')(x, train=train)
     for i in reversed(range(4)):
-      x = UNetUp(filters[i], self.is_deconv, pad, self.dtype,
+      x = UNetUp(filters[i], self.is_deconv, pad, self.dtype, self.remat,
                  name=f'up_concat{i + 1}')(skips[i], x, train=train)
     logits = layers.conv(self.num_classes, 1, dtype=self.dtype,
                          name='final')(x).astype(jnp.float32)

@@ -158,6 +158,8 @@ class BottleneckPSP(nn.Module):
     project: projection shortcut.
     norm: BatchNorm (else biased convs).
     dtype: computation dtype.
+    remat: rematerialise the block in the backward pass (only its input is
+      kept).
   """
   mid: int
   features: int
@@ -166,9 +168,14 @@ class BottleneckPSP(nn.Module):
   project: bool = True
   norm: bool = True
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
+    return layers.maybe_remat(BottleneckPSP._block, self.remat, (2,))(
+        self, x, train)
+
+  def _block(self, x: Array, train: bool) -> Array:
     cbr = functools.partial(_cbr, norm=self.norm, dtype=self.dtype)
     if not self.project and (self.strides != 1 or
                              x.shape[-1] != self.features):
@@ -203,6 +210,7 @@ class ResidualStage(nn.Module):
       splits its third stage around a downsampling.
     norm: BatchNorm (else biased convs).
     dtype: computation dtype.
+    remat: rematerialise each bottleneck in the backward pass.
   """
   n_blocks: int
   mid: int
@@ -212,6 +220,7 @@ class ResidualStage(nn.Module):
   include: str = 'all'
   norm: bool = True
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -224,7 +233,7 @@ class ResidualStage(nn.Module):
     strides = 1 if self.dilation > 1 else self.strides
     block = functools.partial(BottleneckPSP, self.mid, self.features,
                               dilation=self.dilation, norm=self.norm,
-                              dtype=self.dtype)
+                              dtype=self.dtype, remat=self.remat)
     i = 0
     if self.include in ('all', 'conv'):
       x = block(strides=strides, project=True, name='layers_0')(x, train=train)
@@ -295,6 +304,8 @@ class PyramidPooling(nn.Module):
       no batch statistics: trains with batch 1, where a 1x1 bin gives
       BatchNorm a single value per channel) or ``'none'`` (conv bias).
     dtype: computation dtype.
+    remat: rematerialise the module in the backward pass (its full-size
+      upsampled branches are the largest activations of PSPNet's head).
   """
   bins: Sequence[int] = (6, 3, 2, 1)
   fusion: str = 'cat'
@@ -302,6 +313,7 @@ class PyramidPooling(nn.Module):
   convs: str = 'apply'
   norm: str = 'batch'
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool,
@@ -318,6 +330,12 @@ class PyramidPooling(nn.Module):
                                  ('fusion', self.fusion, ('cat', 'sum'))):
       if value not in allowed:
         raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
+    if windows is not None:  # hashable, as a static remat argument
+      windows = tuple((tuple(k), tuple(s)) for k, s in windows)
+    return layers.maybe_remat(PyramidPooling._fuse, self.remat, (2, 3))(
+        self, x, train, windows)
+
+  def _fuse(self, x: Array, train: bool, windows) -> Array:
     h, w, c = x.shape[1:]
     width = branch_width(c, self.bins)
     branches = [_PoolBranch(width, self.norm, self.dtype, name=f'path_{i}')

@@ -141,17 +141,23 @@ class BasicBlock(nn.Module):
     dilation: dilation (= padding) of the second 3x3 conv.
     first_dilation: that of the first (strided) 3x3 conv.
     dtype: computation dtype.
+    remat: rematerialise the block in the backward pass.
   """
   planes: int
   strides: int = 1
   dilation: int = 1
   first_dilation: int = 1
   dtype: Any = jnp.float32
+  remat: bool = False
 
   expansion = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return layers.maybe_remat(BasicBlock._block, self.remat, (2,))(
+        self, x, train)
+
+  def _block(self, x: jax.Array, train: bool) -> jax.Array:
     d0, d = self.first_dilation, self.dilation
     y = _conv(self.planes, 3, self.strides, d0, d0, self.dtype, 'conv1')(x)
     y = nn.relu(_bn(train, self.dtype, 'bn1')(y))
@@ -172,17 +178,23 @@ class Bottleneck(nn.Module):
     dilation: unused (the stage's rate; kept for a common block signature).
     first_dilation: dilation (= padding) of the 3x3 conv.
     dtype: computation dtype.
+    remat: rematerialise the block in the backward pass.
   """
   planes: int
   strides: int = 1
   dilation: int = 1
   first_dilation: int = 1
   dtype: Any = jnp.float32
+  remat: bool = False
 
   expansion = 4
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return layers.maybe_remat(Bottleneck._block, self.remat, (2,))(
+        self, x, train)
+
+  def _block(self, x: jax.Array, train: bool) -> jax.Array:
     d = self.first_dilation
     y = _conv(self.planes, 1, 1, 0, 1, self.dtype, 'conv1')(x)
     y = nn.relu(_bn(train, self.dtype, 'bn1')(y))
@@ -215,12 +227,14 @@ class ResNet(nn.Module):
     dtype: computation dtype; params and BN statistics stay float32.
     multi_grid: per-block multipliers of layer4's dilation (DeepLabV3), one
       per layer4 block, or ``None`` for torchvision's rule.
+    remat: rematerialise every residual block in the backward pass.
   """
   depth: int
   output_stride: int = 32
   width_mult: float = 1.0
   dtype: Any = jnp.float32
   multi_grid: Sequence[int] | None = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
@@ -262,7 +276,7 @@ class ResNet(nn.Module):
           d0 = d = dilation * int(self.multi_grid[j])
         h = block_cls(scaled_width(planes, self.width_mult),
                       strides=stride if j == 0 else 1, dilation=d,
-                      first_dilation=d0, dtype=self.dtype,
+                      first_dilation=d0, dtype=self.dtype, remat=self.remat,
                       name=f'layer{i + 1}_{j}')(h, train=train)
       feats[f'layer{i + 1}'] = h
     return feats

@@ -33,12 +33,26 @@ class VGG16(nn.Module):
       tests).
     conv1_padding: padding of ``conv1_1`` (100 for FCN, 1 for plain VGG).
     dtype: computation dtype; params stay float32.
+    remat: rematerialise each block's activations in the backward pass
+      (``jax.checkpoint`` per block; same parameters and values, less
+      memory, about one more forward of compute).
 
   Params are named ``conv{block}_{i}`` (``conv1_1`` ... ``conv5_3``).
   """
   width_mult: float = 1.0
   conv1_padding: int = 100
   dtype: Any = jnp.float32
+  remat: bool = False
+
+  def _block(self, h: jax.Array, block: int, n_convs: int,
+             width: int) -> jax.Array:
+    """Block ``block``: ``n_convs`` 3x3 conv + ReLU, then the 2x2 pool."""
+    for i in range(1, n_convs + 1):
+      pad = self.conv1_padding if (block, i) == (1, 1) else 1
+      h = layers.conv(width, 3, padding=pad, dtype=self.dtype,
+                      name=f'conv{block}_{i}')(h)
+      h = nn.relu(h)
+    return layers.max_pool(h, 2, 2, ceil_mode=True)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -51,13 +65,9 @@ class VGG16(nn.Module):
     """
     feats = {}
     h = x.astype(self.dtype)
+    block_fn = layers.maybe_remat(VGG16._block, self.remat, (2, 3, 4))
     for block, n_convs, channels in _BLOCKS:
-      width = scaled_width(channels, self.width_mult)
-      for i in range(1, n_convs + 1):
-        pad = self.conv1_padding if (block, i) == (1, 1) else 1
-        h = layers.conv(width, 3, padding=pad, dtype=self.dtype,
-                        name=f'conv{block}_{i}')(h)
-        h = nn.relu(h)
-      h = layers.max_pool(h, 2, 2, ceil_mode=True)
+      h = block_fn(self, h, block, n_convs,
+                   scaled_width(channels, self.width_mult))
       feats[f'pool{block}'] = h
     return feats
