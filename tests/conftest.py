@@ -1,6 +1,14 @@
-"""Test set-up: the repository root on sys.path, so `configs` and `semseg_jax` import."""
+"""Test set-up: the repository root on sys.path, so `configs` and `semseg_jax` import.
+
+Float32 matrix products and convolutions run at full precision: on GPUs XLA's
+default uses TF32 (10-bit mantissas), which numerics checks at 1e-5 would
+trip over; on CPUs this changes nothing. Set through the environment, before
+jax is imported, so that subprocesses of the tests inherit it.
+"""
 import os
 import sys
+
+os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

@@ -78,6 +78,7 @@ def test_one_step_on_8_devices_equals_1_device():
   script = textwrap.dedent('''
       import os, sys
       os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+      os.environ['JAX_PLATFORMS'] = 'cpu'  # Simulated devices, also on a GPU machine.
       sys.path.insert(0, sys.argv[1]); sys.path.insert(0, os.path.join(sys.argv[1], 'tests'))
       import jax, numpy as np
       assert jax.device_count() == 8
