@@ -13,3 +13,14 @@ os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+# Property tests draw the same examples on every run (CI stays reproducible);
+# HYPOTHESIS_PROFILE=explore draws fresh ones.
+try:
+  from hypothesis import settings as _settings
+except ImportError:  # pragma: no cover - hypothesis is in the [test] extra
+  pass
+else:
+  _settings.register_profile('ci', derandomize=True, deadline=None)
+  _settings.register_profile('explore', derandomize=False, deadline=None)
+  _settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
