@@ -7,28 +7,17 @@ PTSEMSEG_ORACLE).
 """
 
 from flax import traverse_util
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from semseg_jax import convert
 from semseg_jax.models import get_model
 from testing_utils import assert_matches_oracle
+from testing_utils import noise_variables
 from testing_utils import oracle_dump
 
 TINY_FCN = {'width_mult': 1 / 32}
 TINY_UNET = {'feature_scale': 16}
-
-
-def _random_variables(model, hw, seed=0):
-  """Variables of ``model`` filled with numpy noise (no XLA compile)."""
-  x = jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x,
-                                               train=False), x)
-  r = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: r.uniform(0.5, 1.5, s.shape).astype(np.float32), shapes)
 
 
 def _upstream_fcn_keys(arch):
@@ -76,7 +65,7 @@ def _assert_trees_equal(a, b):
 def test_fcn_round_trip_and_upstream_names(arch, n_keys):
   # n_keys: len(state_dict) of upstream's module at its defaults.
   model = get_model(arch, 5, **TINY_FCN)
-  v = _random_variables(model, (32, 32))
+  v = noise_variables(model, (32, 32))
   sd = convert.to_ptsemseg(v, arch)
   assert set(sd) == _upstream_fcn_keys(arch) and len(sd) == n_keys
   module, back = convert.from_ptsemseg(sd, arch, **TINY_FCN)
@@ -86,7 +75,7 @@ def test_fcn_round_trip_and_upstream_names(arch, n_keys):
 
 def test_unet_round_trip_and_upstream_names():
   model = get_model('unet', 4, padding='valid', **TINY_UNET)
-  v = _random_variables(model, (188, 188))
+  v = noise_variables(model, (188, 188))
   sd = convert.to_ptsemseg(v, 'unet')
   assert set(sd) == _upstream_unet_keys()
   assert len(sd) == 86 + 10  # upstream's 86 tensors + 10 BN step counters
@@ -99,7 +88,7 @@ def test_unet_round_trip_and_upstream_names():
 def test_tensor_layouts():
   r = np.random.default_rng(1)
   model = get_model('fcn8s', 3, **TINY_FCN)
-  sd = convert.to_ptsemseg(_random_variables(model, (32, 32)), 'fcn8s')
+  sd = convert.to_ptsemseg(noise_variables(model, (32, 32)), 'fcn8s')
   sd = {k: r.standard_normal(v.shape).astype(np.float32) for k, v in sd.items()}
   _, v = convert.from_ptsemseg(sd, 'fcn8s', **TINY_FCN)
   p = v['params']
@@ -113,7 +102,7 @@ def test_tensor_layouts():
   np.testing.assert_array_equal(k, w.transpose(2, 3, 0, 1))
   np.testing.assert_array_equal(p['fc6']['bias'], sd['classifier.0.bias'])
   model = get_model('unet', 2, padding='valid', **TINY_UNET)
-  sd = convert.to_ptsemseg(_random_variables(model, (188, 188)), 'unet')
+  sd = convert.to_ptsemseg(noise_variables(model, (188, 188)), 'unet')
   sd['conv2.conv1.1.running_var'] = r.random(8).astype(np.float32)
   sd['conv2.conv1.1.weight'] = r.random(8).astype(np.float32)
   _, v = convert.from_ptsemseg(sd, 'unet', **TINY_UNET)
@@ -139,7 +128,7 @@ def test_accepts_module_prefix_tensor_objects_and_no_step_counter():
       return self.a
 
   model = get_model('unet', 2, padding='valid', **TINY_UNET)
-  v = _random_variables(model, (188, 188))
+  v = noise_variables(model, (188, 188))
   sd = {'module.' + k: FakeTensor(a) for k, a in
         convert.to_ptsemseg(v, 'unet').items()
         if not k.endswith('num_batches_tracked')}
@@ -149,7 +138,7 @@ def test_accepts_module_prefix_tensor_objects_and_no_step_counter():
 
 def test_model_kwargs_override_parity_defaults():
   model = get_model('unet', 2, padding='valid', **TINY_UNET)
-  sd = convert.to_ptsemseg(_random_variables(model, (188, 188)), 'unet')
+  sd = convert.to_ptsemseg(noise_variables(model, (188, 188)), 'unet')
   module, _ = convert.from_ptsemseg(sd, 'unet', padding='tile', **TINY_UNET)
   assert module.padding == 'tile'
   module, _ = convert.from_ptsemseg(sd, 'unet', num_classes=2, **TINY_UNET)
@@ -162,7 +151,7 @@ def test_model_kwargs_override_parity_defaults():
 @pytest.fixture(scope='module')
 def fcn8s_sd():
   model = get_model('fcn8s', 3, **TINY_FCN)
-  return convert.to_ptsemseg(_random_variables(model, (32, 32)), 'fcn8s')
+  return convert.to_ptsemseg(noise_variables(model, (32, 32)), 'fcn8s')
 
 
 def test_missing_key(fcn8s_sd):
@@ -241,7 +230,7 @@ def _torchvision_vgg16_sd(fcn_params, r):
 
 def test_vgg16_import():
   r = np.random.default_rng(2)
-  params = _random_variables(get_model('fcn16s', 3, **TINY_FCN),
+  params = noise_variables(get_model('fcn16s', 3, **TINY_FCN),
                              (32, 32))['params']
   sd = _torchvision_vgg16_sd(params, r)
   new = convert.vgg16(sd, params)
@@ -267,7 +256,7 @@ def test_vgg16_import():
 
 def test_vgg16_errors():
   r = np.random.default_rng(3)
-  params = _random_variables(get_model('fcn8s', 3, **TINY_FCN),
+  params = noise_variables(get_model('fcn8s', 3, **TINY_FCN),
                              (32, 32))['params']
   sd = _torchvision_vgg16_sd(params, r)
   with pytest.raises(ValueError, match="unexpected key 'features.1.weight'"):
@@ -285,8 +274,6 @@ def test_vgg16_errors():
 
 
 # ------------------------------------------------- parity with pytorch-semseg
-
-
 
 
 @pytest.mark.parametrize('arch,h,w', [('fcn32s', 45, 61), ('fcn16s', 17, 100),

@@ -12,19 +12,18 @@ from semseg_jax.models import get_model
 from semseg_jax.models.backbones.resnet import ResNet
 from semseg_jax.models.deeplabv3plus import ASPP
 from semseg_jax.models.deeplabv3plus import default_atrous_rates
-from testing_utils import model_config
-from testing_utils import train_losses
 from testing_utils import abstract_apply
+from testing_utils import model_config
 from testing_utils import param_count
+from testing_utils import train_losses
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 TINY = dict(resnet_depth=18, width_mult=1 / 16)  # ResNet 4..32, ASPP 16, low 3
 
 
-
-
 def _shapes(model, hw, train=False, b=1):
   return abstract_apply(model, hw, train=train, batch=b)
+
 
 def _init(model, hw, b=1):
   return jax.jit(lambda x: model.init(KEY, x, train=False))(

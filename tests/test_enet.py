@@ -13,19 +13,18 @@ from semseg_jax import train
 from semseg_jax.models import enet
 from semseg_jax.models import get_model
 from semseg_jax.models import layers
-from testing_utils import model_config
-from testing_utils import train_losses
 from testing_utils import abstract_apply
+from testing_utils import model_config
 from testing_utils import param_count
+from testing_utils import train_losses
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 BN_EPS = 1e-3  # Torch SpatialBatchNormalization(n, 1e-3)
 
 
-
-
 def _shapes(model, hw, b=1):
   return abstract_apply(model, hw, batch=b)
+
 
 def _reference_count(k):
   """Trainable parameters of the authors' Torch ENet, layer by layer."""

@@ -12,10 +12,10 @@ from configs import fcdensenet as fcdensenet_config
 from semseg_jax import config as config_lib
 from semseg_jax import train
 from semseg_jax.models import get_model
-from testing_utils import model_config
-from testing_utils import train_losses
 from testing_utils import abstract_apply
+from testing_utils import model_config
 from testing_utils import param_count
+from testing_utils import train_losses
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 # Narrow network: 2 poolings, growth 4, 8 first maps, 2 layers per block.
@@ -25,10 +25,9 @@ TINY = dict(layers_per_block=(2, 2, 2, 2, 2), growth_rate=4,
 MINI = dict(layers_per_block=(1, 1, 1), growth_rate=4, first_conv_features=8)
 
 
-
-
 def _shapes(model, hw, c=3, b=1):
   return abstract_apply(model, hw, batch=b, channels=c)
+
 
 def _reference_count(blocks, growth, first=48, classes=11, c_in=3):
   """Trainable parameters of the authors' Lasagne network, by hand: convs

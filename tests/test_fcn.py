@@ -17,8 +17,6 @@ from testing_utils import param_count
 TINY = 1 / 32  # 64 -> 2 channels, fc 4096 -> 128
 
 
-
-
 def _shapes(model, hw, k=21):
   x = jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32)
   v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),

@@ -20,8 +20,8 @@ from semseg_jax.models import get_model
 from testing_utils import assert_matches_oracle
 from testing_utils import model_config
 from testing_utils import oracle_dump
-from testing_utils import train_losses
 from testing_utils import param_count
+from testing_utils import train_losses
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 TINY = {'width_mult': 1 / 8}  # 48 -> 6, 32 lanes -> 4, 384 -> 48 channels
@@ -32,8 +32,6 @@ STAGES = {
     'B': ([(3, 96, 2), (4, 192, 4), (2, 384, 8), (2, 384, 16), (2, 384, 32)],
           [(2, 192, 16), (2, 192, 8), (2, 192, 4), (2, 48, 2)]),
 }
-
-
 
 
 def _variables(model, hw):
@@ -350,8 +348,6 @@ def test_upstream_model_type_and_mislabelled_checkpoints():
 
 
 # ------------------------------------------------- parity with pytorch-semseg
-
-
 
 
 @pytest.mark.parametrize('arch,h,w', [('frrnA', 32, 48), ('frrnB', 64, 32)])

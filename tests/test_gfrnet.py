@@ -10,19 +10,18 @@ import pytest
 from configs import gfrnet as gfrnet_config
 from semseg_jax import train
 from semseg_jax.models import get_model
-from testing_utils import model_config
-from testing_utils import train_losses
 from testing_utils import abstract_apply
+from testing_utils import model_config
 from testing_utils import param_count
+from testing_utils import train_losses
 
 TINY = 1 / 16  # VGG widths 4, 8, 16, 32, 32 and conv6/conv7 64.
 _VGG = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 
 
-
-
 def _shapes(model, hw, train=False):
   return abstract_apply(model, hw, train=train)
+
 
 def _expected_params(k, variant, norm):
   """Parameter count from the layer list of the released prototxt."""

@@ -17,29 +17,21 @@ from semseg_jax import convert
 from semseg_jax import losses
 from semseg_jax.convert import icnet as icnet_convert
 from semseg_jax.models import get_model
+from testing_utils import abstract_apply
 from testing_utils import assert_matches_oracle
 from testing_utils import model_config
+from testing_utils import noise_variables
 from testing_utils import oracle_dump
-from testing_utils import train_losses
-from testing_utils import abstract_apply
 from testing_utils import param_count
+from testing_utils import train_losses
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 # 32 -> 4 channels, 1024 -> 128; one block per stage.
 TINY = {'width_mult': 1 / 8, 'block_config': (1, 2, 1, 1)}
 
 
-
-
 def _shapes(model, hw, batch=1, train=False):
   return abstract_apply(model, hw, train=train, batch=batch)
-
-def _random_variables(model, hw, seed=0):
-  """Variables of ``model`` filled with numpy noise (no XLA compile)."""
-  v, _ = _shapes(model, hw)
-  r = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: r.uniform(0.5, 1.5, s.shape).astype(np.float32), v)
 
 
 # --------------------------------------------------------------- the network
@@ -214,7 +206,7 @@ def test_tiny_icnet_trains_with_multi_scale_loss():
     ('icnet', 140), ('icnetBN', 408)])
 def test_round_trip_and_upstream_names(arch, n_keys):
   model = get_model(arch, 5, width_mult=1 / 8)
-  v = _random_variables(model, (65, 65))
+  v = noise_variables(model, (65, 65))
   sd = convert.to_ptsemseg(v, arch)
   assert len(sd) == n_keys
   bn = arch == 'icnetBN'
@@ -253,7 +245,7 @@ def test_caffe_blobs_convert_without_pyramid_convs():
   assert len(names) == 14 + sum(3 * n + 1 for n in (3, 4, 6, 3))
 
   model = get_model('icnetBN', 3, width_mult=1 / 8, unused_pool_convs=False)
-  v = _random_variables(model, (65, 65))
+  v = noise_variables(model, (65, 65))
   sd = convert.to_ptsemseg(v, 'icnetBN')
   blobs = {}
   for caffe, prefix in names.items():
@@ -306,8 +298,6 @@ _ORACLE = textwrap.dedent('''
           if not k.endswith('num_batches_tracked')}
     np.savez(out, x=x.numpy(), y=y.numpy(), **sd)
 ''')
-
-
 
 
 @pytest.mark.parametrize('arch,h,w', [

@@ -33,10 +33,9 @@ from testing_utils import param_count
 TINY = 1 / 8  # encoder 8..64 channels, final block 4
 
 
-
-
 def _shapes(model, hw):
   return abstract_apply(model, hw)
+
 
 def _decoder_count(m, n):
   q = m // 4

@@ -18,29 +18,21 @@ from semseg_jax import convert
 from semseg_jax.convert import pspnet as psp_convert
 from semseg_jax.models import get_model
 from semseg_jax.models.backbones import psp_resnet
+from testing_utils import abstract_apply
 from testing_utils import assert_matches_oracle
 from testing_utils import model_config
+from testing_utils import noise_variables
 from testing_utils import oracle_dump
-from testing_utils import train_losses
-from testing_utils import abstract_apply
 from testing_utils import param_count
+from testing_utils import train_losses
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 # 64 -> 2 channels, 2048 -> 64; one block per stage.
 TINY = {'width_mult': 1 / 32, 'block_config': (1, 1, 1, 1)}
 
 
-
-
 def _shapes(model, hw, batch=1, train=False):
   return abstract_apply(model, hw, train=train, batch=batch)
-
-def _random_variables(model, hw, seed=0):
-  """Variables of ``model`` filled with numpy noise (no XLA compile)."""
-  v, _ = _shapes(model, hw)
-  r = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: r.uniform(0.5, 1.5, s.shape).astype(np.float32), v)
 
 
 # --------------------------------------------------------------- the network
@@ -341,7 +333,7 @@ def _upstream_pspnet_keys(blocks):
     ('pspnet', (3, 4, 23, 3), 676), ('pspnet_ade20k', (3, 4, 6, 3), 370)])
 def test_round_trip_and_upstream_names(arch, blocks, n_keys):
   model = get_model('pspnet', 5, width_mult=1 / 32, block_config=blocks)
-  v = _random_variables(model, (48, 48))
+  v = noise_variables(model, (48, 48))
   sd = convert.to_ptsemseg(v, arch)
   assert set(sd) == _upstream_pspnet_keys(blocks) and len(sd) == n_keys
   w = sd['res_block4.layers.0.cbr2.cbr_unit.0.weight']  # torch OIHW
@@ -359,7 +351,7 @@ def test_round_trip_and_upstream_names(arch, blocks, n_keys):
 
 def test_wrong_depth_is_reported():
   model = get_model('pspnet', 3, width_mult=1 / 32, block_config=(3, 4, 6, 3))
-  sd = convert.to_ptsemseg(_random_variables(model, (48, 48)), 'pspnet_ade20k')
+  sd = convert.to_ptsemseg(noise_variables(model, (48, 48)), 'pspnet_ade20k')
   with pytest.raises(ValueError, match=r"missing key 'res_block4.layers.6"):
     convert.from_ptsemseg(sd, 'pspnet', width_mult=1 / 32)
 
@@ -382,7 +374,7 @@ def test_caffe_blobs_convert_to_a_loadable_state_dict():
   # A tiny "caffemodel": blobs in Caffe order, BN blobs shaped [1, C, 1, 1].
   blocks = (1, 2, 1, 1)
   model = get_model('pspnet', 3, width_mult=1 / 32, block_config=blocks)
-  sd = convert.to_ptsemseg(_random_variables(model, (48, 48)), 'pspnet')
+  sd = convert.to_ptsemseg(noise_variables(model, (48, 48)), 'pspnet')
   blobs = {}
   for caffe, prefix in psp_convert.pspnet_caffe_names(blocks).items():
     conv = prefix + '.0' if prefix.endswith('_unit') else prefix
@@ -409,8 +401,6 @@ def test_caffe_blobs_convert_to_a_loadable_state_dict():
 
 
 # ------------------------------------------------- parity with pytorch-semseg
-
-
 
 
 @pytest.mark.parametrize('arch,h,w', [

@@ -13,19 +13,18 @@ from semseg_jax.models import get_model
 from semseg_jax.models.refinenet import ChainedResidualPooling
 from semseg_jax.models.refinenet import RefineNetBlock
 from semseg_jax.models.refinenet import ResidualConvUnit
-from testing_utils import model_config
-from testing_utils import train_losses
 from testing_utils import abstract_apply
+from testing_utils import model_config
 from testing_utils import param_count
+from testing_utils import train_losses
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 TINY = dict(resnet_depth=18, width_mult=1 / 16)  # ResNet 4..32, paths 32/16
 
 
-
-
 def _shapes(model, hw, train=False, b=1):
   return abstract_apply(model, hw, train=train, batch=b)
+
 
 def _refine_count(k, backbone=(2048, 1024, 512, 256), widths=(512, 256, 256,
                                                                256), crp=4):

@@ -25,8 +25,6 @@ from testing_utils import param_count
 TINY = 1 / 16  # 64 -> 4 channels
 
 
-
-
 def _shapes(model, hw):
   x = jax.ShapeDtypeStruct((2, *hw, 3), jnp.float32)
   return jax.eval_shape(

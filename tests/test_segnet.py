@@ -19,19 +19,18 @@ from semseg_jax import config as config_lib
 from semseg_jax import convert
 from semseg_jax.convert import segnet as segnet_convert
 from semseg_jax.models import get_model
-from testing_utils import model_config
-from testing_utils import train_losses
 from testing_utils import abstract_apply
+from testing_utils import model_config
 from testing_utils import param_count
+from testing_utils import train_losses
 
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 TINY = {'width_mult': 1 / 16}  # 64 -> 4, 512 -> 32 channels
 
 
-
-
 def _shapes(model, hw, c=3):
   return abstract_apply(model, hw, channels=c)
+
 
 def _random_variables(model, hw, seed=0):
   """Variables of ``model`` filled with numpy noise: conv weights ~ 1/sqrt(fan

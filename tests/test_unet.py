@@ -13,10 +13,9 @@ from testing_utils import param_count
 KEY = jax.random.key(0, impl='rbg')  # fast to compile on CPU
 
 
-
-
 def _shapes(model, hw, c=3):
   return abstract_apply(model, hw, batch=2, channels=c)
+
 
 def _init(model, hw, c=3):
   x = jnp.zeros((1, *hw, c))

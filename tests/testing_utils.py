@@ -164,3 +164,10 @@ def abstract_apply(model, hw: tuple[int, int], *, train: bool = False, batch: in
   else:
     out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x)
   return v, out
+
+
+def noise_variables(model, hw: tuple[int, int], seed: int = 0):
+  """Variables of ``model`` filled with numpy noise in [0.5, 1.5] (no XLA compile)."""
+  v, _ = abstract_apply(model, hw)
+  r = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: r.uniform(0.5, 1.5, s.shape).astype(np.float32), v)
