@@ -7,8 +7,10 @@ the network config then sets its recipe (augmentation, optimiser) on top::
   config = datasets.voc(default.get_config(), crop=(473, 473))
 
 Augmentation strengths are left to the network config: they are part of a
-paper's recipe, not of the dataset. ``eval_pad_size`` is each dataset's full
-resolution, so evaluation sees every pixel (``semseg_jax/data/pipeline.py``).
+paper's recipe, not of the dataset. Evaluation sees every pixel: VOC,
+Cityscapes and CamVid are padded to their largest image, which the pipeline
+knows (``pipeline.KNOWN_MAX_SIZES``, the one table of those sizes); ADE20K's
+sizes are unbounded, so its preset sets ``eval_pad_size`` itself.
 ``normalization='caffe_bgr'`` is for weights converted from Caffe (PSPNet,
 ICNet); networks trained here or from torchvision weights use 'imagenet'.
 ``resize=(H, W)`` trains and evaluates on every image resized to that size
@@ -24,8 +26,9 @@ Size = tuple[int, int]
 
 
 def _set(config: ml_collections.ConfigDict, *, name: str, num_classes: int, crop: Size,
-         eval_pad_size: Size, train_split: str, eval_split: str, normalization: str,
-         resize: Size | None, eval_shrink_to_fit: bool = False) -> ml_collections.ConfigDict:
+         train_split: str, eval_split: str, normalization: str,
+         resize: Size | None, eval_pad_size: Size | None = None,
+         eval_shrink_to_fit: bool = False) -> ml_collections.ConfigDict:
   crop = tuple(int(v) for v in crop)
   if len(crop) != 2 or min(crop) < 1:
     raise ValueError(f'{name} preset: crop must be (H, W) positive ints, got {crop!r}')
@@ -52,7 +55,7 @@ def voc(config: ml_collections.ConfigDict, crop: Size = (512, 512), *,
 
   Images are at most 500x500, so eval pads to 512x512 without resizing.
   """
-  return _set(config, name='voc2012', num_classes=21, crop=crop, eval_pad_size=(512, 512),
+  return _set(config, name='voc2012', num_classes=21, crop=crop,
               train_split=train_split, eval_split='validation', normalization=normalization,
               resize=resize)
 
@@ -64,7 +67,7 @@ def cityscapes(config: ml_collections.ConfigDict, crop: Size = (512, 1024), *,
 
   ``crop``: 512x1024 (default) or 769x769 (DeepLab) / 713x713 (PSPNet).
   """
-  return _set(config, name='cityscapes', num_classes=19, crop=crop, eval_pad_size=(1024, 2048),
+  return _set(config, name='cityscapes', num_classes=19, crop=crop,
               train_split='train', eval_split='validation', normalization=normalization,
               resize=resize)
 
@@ -73,7 +76,7 @@ def camvid(config: ml_collections.ConfigDict, crop: Size = (360, 480), *,
            normalization: str = 'imagenet',
            resize: Size | None = None) -> ml_collections.ConfigDict:
   """CamVid (SegNet's 11-class 360x480 version): whole frames by default."""
-  return _set(config, name='camvid', num_classes=11, crop=crop, eval_pad_size=(360, 480),
+  return _set(config, name='camvid', num_classes=11, crop=crop,
               train_split='train', eval_split='validation', normalization=normalization,
               resize=resize)
 
