@@ -308,7 +308,11 @@ class _PreemptionWatcher:
     self._multi = jax.process_count() > 1
     self._previous = None
     self._installed = False
-    if not self._multi and threading.current_thread() is threading.main_thread():
+    if not self._multi:
+      self._install()
+
+  def _install(self) -> None:
+    if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
       self._installed = True
 
@@ -321,8 +325,10 @@ class _PreemptionWatcher:
       try:
         return multihost_utils.reached_preemption_sync_point(step)
       except RuntimeError as e:  # The job was started without the sync manager.
-        logging.warning('SIGTERM handling is off on this multi-process job: %s', e)
+        logging.warning('no preemption sync manager on this multi-process job (%s): SIGTERM '
+                        'stops each process at its own step', e)
         self._multi = False
+        self._install()
     return self.requested
 
   def close(self) -> None:
