@@ -337,6 +337,15 @@ def _eval_jaxpr(jaxpr, consts, *args):
         outs = _eval_jaxpr(body.jaxpr, body.consts, *ins)
       else:
         outs = _eval_jaxpr(body, (), *ins)
+    elif name == 'platform_index':
+      outs = [None]  # read only by the platform cond below
+    elif name == 'cond' and eqn.params.get('branches_platforms'):
+      # lax.platform_dependent: ONNX runs anywhere, so take the default
+      # branch (the first one when there is no default).
+      chosen = next((i for i, p in enumerate(eqn.params['branches_platforms'])
+                     if p is None), 0)
+      body = eqn.params['branches'][chosen]
+      outs = _eval_jaxpr(body.jaxpr, body.consts, *ins[1:])
     elif name in _ONNX_REWRITES:
       outs = [_ONNX_REWRITES[name](*ins, **eqn.params)]
     else:
@@ -376,7 +385,8 @@ def export_onnx(fn: Callable, spec: InputSpec, path: str, *, what: str = 'the ne
   jax2onnx, _, plugin_system = _import_onnx()
   per_call = dataclasses.replace(spec, batch=spec.batch or 1)
   closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(tuple(per_call.json_shape()), spec.dtype))
-  supported = set(plugin_system.PLUGIN_REGISTRY) | set(_ONNX_REWRITES) | set(_INLINE)
+  supported = (set(plugin_system.PLUGIN_REGISTRY) | set(_ONNX_REWRITES) | set(_INLINE)
+               | {'platform_index', 'cond'})
   for eqn in _walk(closed.jaxpr):
     if eqn.primitive.name not in supported:
       raise ExportError(f'cannot export {what} to ONNX: operation {eqn.primitive.name!r}'

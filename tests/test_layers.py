@@ -1,6 +1,7 @@
 """Tests of semseg_jax.models.layers against independent numpy references."""
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,6 +169,40 @@ def test_conv_transpose_matches_torch_reference(k, s, p, op, d):
   np.testing.assert_allclose(np.asarray(y), np.asarray(lax_y) + b, atol=1e-4)
 
 
+@pytest.mark.parametrize('k,s,p,op', [
+    (2, 2, 0, 0), (4, 2, 1, 0), (3, 2, 1, 1), (16, 8, 0, 0), (5, 3, 2, 2),
+    (2, 2, 0, 1), ((3, 4), (2, 3), (1, 0), (1, 2)), (2, 2, 3, 0),
+])
+def test_conv_transpose_phases_equal_dilated_input_form(k, s, p, op):
+  # XLA:CPU computes transposed convs phase by phase; values and both
+  # gradients must equal the dilated-input convolution used elsewhere.
+  pair = lambda v: (v, v) if isinstance(v, int) else v
+  kp, sp, pp, opp = map(pair, (k, s, p, op))
+  r = _rng(12)
+  x = jnp.asarray(r.standard_normal((2, 5, 6, 3)), jnp.float32)
+  w = jnp.asarray(r.standard_normal((*kp, 3, 4)), jnp.float32)
+  dilated = lambda x, w: layers._conv_transpose_lhs_dilated(
+      x, w, sp, pp, opp, (1, 1))
+  phases = lambda x, w: layers._conv_transpose_phases(x, w, sp, pp, opp)
+  ref = dilated(x, w)
+  got = phases(x, w)
+  assert got.shape == ref.shape
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  cot = jnp.asarray(r.standard_normal(ref.shape), jnp.float32)
+  for a, b in zip(jax.vjp(phases, x, w)[1](cot), jax.vjp(dilated, x, w)[1](cot)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+  # On CPU the compiled ConvTranspose has no input dilation left.
+  mod = layers.ConvTranspose(4, k, s, padding=p, output_padding=op)
+  v = mod.init(jax.random.key(0), x)
+  np.testing.assert_allclose(mod.apply(v, x) - v['params']['bias'],
+                             dilated(x, v['params']['kernel']), rtol=1e-5,
+                             atol=1e-5)
+  hlo = jax.jit(jax.grad(lambda v: jnp.sum(mod.apply(v, x) * cot))).lower(
+      v).compile().as_text()
+  if jax.default_backend() == 'cpu':
+    assert 'lhs_dilate' not in hlo
+
+
 def test_conv_transpose_output_padding_must_be_small():
   with pytest.raises(ValueError, match='output_padding'):
     layers.ConvTranspose(2, 3, 2, output_padding=2).init(
@@ -286,6 +321,31 @@ def test_pool_gradient_goes_to_argmax_only():
   for i, j, c in itertools.product(range(3), range(4), range(2)):
     ref[0, int(idx[0, i, j, c]), c] += g[0, i, j, c]
   np.testing.assert_allclose(np.asarray(grad).reshape(1, 35, 2), ref)
+
+
+@pytest.mark.parametrize('h,w,k,s,p,ceil', POOL_CASES)
+def test_max_pool_gradient_matches_select_and_scatter(h, w, k, s, p, ceil):
+  # max_pool has its own VJP (first maximum per window); it must give
+  # exactly the gradient of XLA's reduce_window max (select-and-scatter)
+  # and of torch's indices, ties included, windows overlapping or not.
+  x = jnp.asarray(_rng(8).integers(0, 3, (2, h, w, 3)).astype(np.float32))
+  pair = lambda v: (v, v) if isinstance(v, int) else v
+  kk, ss = pair(k), pair(s)
+  _, _, pp, out, hi = layers._pool_geometry((h, w), k, s, p, ceil)
+  g = jnp.asarray(_rng(9).standard_normal((2, *out, 3)).astype(np.float32))
+  grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x, k, s, p, ceil) * g))(x)
+  ref = jax.grad(lambda x: jnp.sum(nn.max_pool(
+      x, kk, ss, padding=((pp[0], hi[0]), (pp[1], hi[1]))) * g))(x)
+  # Equal up to the order in which overlapping windows' shares are summed.
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(ref), rtol=1e-6,
+                             atol=1e-6)
+  _, idx = layers.max_pool_with_argmax(x, k, s, p, ceil)
+  scat = np.zeros((2, h * w, 3), np.float32)
+  for b, i, j, c in itertools.product(range(2), range(out[0]), range(out[1]),
+                                      range(3)):
+    scat[b, int(idx[b, i, j, c]), c] += g[b, i, j, c]
+  np.testing.assert_allclose(np.asarray(grad), scat.reshape(2, h, w, 3),
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_max_unpool_scatters_and_differentiates():

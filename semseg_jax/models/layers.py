@@ -270,22 +270,35 @@ def _auto_conv(lhs, rhs, window_strides, padding, **kwargs):
   least as wide as the threshold; XLA's weight gradient with the per-tap
   input gradient where XLA:CPU's is pathological (a large kernel on a small
   output map: FCN's fc6); plain ``lax.conv_general_dilated`` otherwise.
-  Values and gradients are the same in every case (tests)."""
+  Values and gradients are the same in every case (tests).
+
+  Both special cases are XLA:CPU workarounds: they apply only when the
+  program is lowered for CPU (``lax.platform_dependent``); GPUs and TPUs
+  run XLA's convolutions. They are custom VJPs, so forward-mode
+  differentiation (``jax.jvp``) through those layers is not available.
+  """
+  plain = functools.partial(jax.lax.conv_general_dilated,
+                            window_strides=window_strides, padding=padding,
+                            **kwargs)
   threshold = _FAST_CONV['min_channels']
+  fast = None
   if threshold is not None and min(lhs.shape[-1], rhs.shape[-1]) >= threshold:
-    return fast_conv_general_dilated(lhs, rhs, window_strides, padding,
-                                     **kwargs)
-  if lhs.ndim == 4 and tuple(window_strides) == (1, 1):
+    fast = functools.partial(fast_conv_general_dilated,
+                             window_strides=window_strides, padding=padding,
+                             **kwargs)
+  elif lhs.ndim == 4 and tuple(window_strides) == (1, 1):
     dil = kwargs.get('rhs_dilation') or (1, 1)
     k_eff = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dil)]
     pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil)
     out_hw = [lhs.shape[1 + i] + sum(pads[i]) - k_eff[i] + 1 for i in (0, 1)]
     if (rhs.shape[0] * rhs.shape[1] > 1 and
         out_hw[0] * out_hw[1] <= 4 * rhs.shape[0] * rhs.shape[1]):
-      return fast_conv_general_dilated(lhs, rhs, window_strides, padding,
-                                       dw_taps=False, **kwargs)
-  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding,
-                                      **kwargs)
+      fast = functools.partial(fast_conv_general_dilated,
+                               window_strides=window_strides,
+                               padding=padding, dw_taps=False, **kwargs)
+  if fast is None:
+    return plain(lhs, rhs)
+  return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=plain)
 
 
 # ----------------------------------------------------------------------------
@@ -327,6 +340,72 @@ def conv(features: int,
       **kwargs)
 
 
+def _conv_transpose_lhs_dilated(x, kernel, s, p, op, d):
+  pads = [(d[i] * (kernel.shape[i] - 1) - p[i],
+           d[i] * (kernel.shape[i] - 1) - p[i] + op[i]) for i in range(2)]
+  return jax.lax.conv_general_dilated(
+      x, jnp.flip(kernel, (0, 1)), window_strides=(1, 1), padding=pads,
+      lhs_dilation=s, rhs_dilation=d,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _conv_transpose_phases(x, kernel, s, p, op):
+  """The same transposed convolution as ``s_h * s_w`` output phases.
+
+  Output row ``o = s*q + r - p`` of the uncropped result receives
+  ``x[q - j] * kernel[r + s*j]`` for ``j < J = ceil(k / s)``: one stride-1
+  ``J x J`` convolution from ``C`` to ``s_h * s_w * O`` channels computes
+  every phase, and depth-to-space interleaves them. No zeros are inserted,
+  so it does ``s_h * s_w`` times fewer multiply-adds than the dilated-input
+  form (a 2x2 stride-2 kernel becomes one matmul).
+  """
+  b, h, w, c = x.shape
+  k, o = kernel.shape[:2], kernel.shape[3]
+  jh, jw = (-(-k[i] // s[i]) for i in range(2))
+  kp = jnp.pad(kernel, ((0, jh * s[0] - k[0]), (0, jw * s[1] - k[1]),
+                        (0, 0), (0, 0)))
+  kp = jnp.flip(kp.reshape(jh, s[0], jw, s[1], c, o), (0, 2))
+  kp = kp.transpose(0, 2, 4, 1, 3, 5).reshape(jh, jw, c, s[0] * s[1] * o)
+  z = jax.lax.conv_general_dilated(
+      x, kp, (1, 1), [(jh - 1, jh - 1), (jw - 1, jw - 1)],
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  hq, wq = h + jh - 1, w + jw - 1
+  z = z.reshape(b, hq, wq, s[0], s[1], o).transpose(0, 1, 3, 2, 4, 5)
+  z = z.reshape(b, hq * s[0], wq * s[1], o)
+  out = [(n - 1) * s[i] - 2 * p[i] + k[i] + op[i]
+         for i, n in enumerate((h, w))]
+  # output_padding may reach past the uncropped result: zeros there.
+  short = [max(0, p[i] + out[i] - z.shape[1 + i]) for i in range(2)]
+  if any(short):
+    z = jnp.pad(z, ((0, 0), (0, short[0]), (0, short[1]), (0, 0)))
+  return z[:, p[0]:p[0] + out[0], p[1]:p[1] + out[1]]
+
+
+def conv_transpose(x: Array, kernel: Array, strides: Sequence[int],
+                   padding: Sequence[int], output_padding: Sequence[int],
+                   dilation: Sequence[int] = (1, 1)) -> Array:
+  """``F.conv_transpose2d`` (groups 1, no bias) on NHWC, kernel
+  ``[kh, kw, in, out]`` (torch's weight transposed by ``(2, 3, 0, 1)``).
+
+  A dilated-input convolution (``lhs_dilation=strides``, flipped kernel,
+  padding ``d * (k - 1) - p``), which XLA's GPU and TPU backends run as a
+  native transposed convolution. XLA:CPU has no fast path for input
+  dilation (its backward was 10x the phase form's for U-Net's 2x2
+  up-convolutions, and FCN's 16x16 stride-8 forward 28x), so on CPU,
+  chosen when the program is lowered (``lax.platform_dependent``), the same
+  values come from :func:`_conv_transpose_phases` (equal up to float
+  summation order; tests).
+  """
+  s, p, op, d = (tuple(int(v) for v in t) for t in
+                 (strides, padding, output_padding, dilation))
+  dilated = functools.partial(_conv_transpose_lhs_dilated, s=s, p=p, op=op,
+                              d=d)
+  if d != (1, 1) or s == (1, 1):
+    return dilated(x, kernel)
+  phases = functools.partial(_conv_transpose_phases, s=s, p=p, op=op)
+  return jax.lax.platform_dependent(x, kernel, cpu=phases, default=dilated)
+
+
 class ConvTranspose(nn.Module):
   """``torch.nn.ConvTranspose2d`` semantics (groups=1).
 
@@ -334,9 +413,10 @@ class ConvTranspose(nn.Module):
   transposed by ``(2, 3, 0, 1)``, not flipped. The output size is
   ``(H - 1) * s - 2p + d * (k - 1) + output_padding + 1``.
 
-  Implemented as a dilated-input convolution (``lhs_dilation=strides``) with
-  the spatially flipped kernel and padding ``d * (k - 1) - p`` (plus
-  ``output_padding`` at the bottom/right); negative padding crops.
+  Implemented by :func:`conv_transpose`: a dilated-input convolution
+  (``lhs_dilation=strides``) with the spatially flipped kernel and padding
+  ``d * (k - 1) - p`` (plus ``output_padding`` at the bottom/right; negative
+  padding crops), computed phase by phase on XLA:CPU.
 
   Attributes:
     features: output channels.
@@ -374,16 +454,8 @@ class ConvTranspose(nn.Module):
                          f'{s} or dilation {d}')
     kernel = self.param('kernel', self.kernel_init,
                         (k[0], k[1], x.shape[-1], self.features), jnp.float32)
-    pads = [(d[i] * (k[i] - 1) - p[i], d[i] * (k[i] - 1) - p[i] + op[i])
-            for i in range(2)]
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype),
-        jnp.flip(kernel, (0, 1)).astype(self.dtype),
-        window_strides=(1, 1),
-        padding=pads,
-        lhs_dilation=s,
-        rhs_dilation=d,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = conv_transpose(x.astype(self.dtype), kernel.astype(self.dtype), s, p,
+                       op, d)
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
@@ -458,13 +530,62 @@ def _pool_geometry(hw, window, stride, padding, ceil_mode):
   return k, s, p, out, hi
 
 
+def _window_views(x: Array, k, s, out) -> list[Array]:
+  """One strided ``[B, h, w, C]`` view per window offset, row-major."""
+  return [
+      jax.lax.slice(x, (0, dy, dx, 0),
+                    (x.shape[0], dy + (out[0] - 1) * s[0] + 1,
+                     dx + (out[1] - 1) * s[1] + 1, x.shape[3]),
+                    (1, s[0], s[1], 1))
+      for dy in range(k[0]) for dx in range(k[1])
+  ]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _max_of_views(x: Array, k, s, out) -> Array:
+  views = _window_views(x, k, s, out)
+  y = views[0]
+  for v in views[1:]:
+    y = jnp.maximum(y, v)
+  return y
+
+
+@_max_of_views.defjvp
+def _max_of_views_jvp(k, s, out, primals, tangents):
+  # The tangent of the first maximum of each window in row-major order (the
+  # element XLA's select-and-scatter and torch pick). It is linear in the
+  # tangent through strided slices and selects, so its transpose, the
+  # gradient, is interior-padded pads and adds that XLA fuses.
+  (x,), (tx,) = primals, tangents
+  y = _max_of_views(x, k, s, out)
+  taken = None
+  ty = None
+  for v, tv in zip(_window_views(x, k, s, out), _window_views(tx, k, s, out)):
+    hit = v == y
+    sel = hit if taken is None else hit & ~taken
+    taken = sel if taken is None else taken | sel
+    part = jnp.where(sel, tv, jnp.zeros((), tv.dtype))
+    ty = part if ty is None else ty + part
+  return y, ty
+
+
 def max_pool(x: Array, window: IntOrPair = 2, stride: IntOrPair | None = None,
              padding: IntOrPair = 0, ceil_mode: bool = False) -> Array:
-  """``torch.nn.MaxPool2d`` on ``[B, H, W, C]`` (pads with ``-inf``)."""
+  """``torch.nn.MaxPool2d`` on ``[B, H, W, C]`` (pads with ``-inf``).
+
+  The maximum over the window's strided views, with a custom gradient to
+  the first maximum of each window (XLA's and torch's rule). Same values
+  and gradients as ``reduce_window`` max and its select-and-scatter
+  gradient, which XLA:CPU runs ~10x slower (2x2 pool of 2x294x294x64:
+  170 ms -> 17 ms).
+  """
   stride = window if stride is None else stride
-  k, s, p, _, hi = _pool_geometry(x.shape[1:3], window, stride, padding,
-                                  ceil_mode)
-  return nn.max_pool(x, k, s, padding=((p[0], hi[0]), (p[1], hi[1])))
+  k, s, p, out, hi = _pool_geometry(x.shape[1:3], window, stride, padding,
+                                    ceil_mode)
+  if any(p) or any(hi):
+    x = jnp.pad(x, ((0, 0), (p[0], hi[0]), (p[1], hi[1]), (0, 0)),
+                constant_values=jnp.array(-jnp.inf, x.dtype))
+  return _max_of_views(x, k, s, out)
 
 
 def max_pool_with_argmax(x: Array, window: IntOrPair = 2,
@@ -493,14 +614,7 @@ def max_pool_with_argmax(x: Array, window: IntOrPair = 2,
   xp = jnp.pad(x, ((0, 0), (p[0], hi[0]), (p[1], hi[1]), (0, 0)),
                constant_values=neg)
   # One strided view per window offset: [k*k, B, h, w, C], row-major order.
-  views = [
-      jax.lax.slice(xp, (0, dy, dx, 0),
-                    (xp.shape[0], dy + (out[0] - 1) * s[0] + 1,
-                     dx + (out[1] - 1) * s[1] + 1, xp.shape[3]),
-                    (1, s[0], s[1], 1))
-      for dy in range(k[0]) for dx in range(k[1])
-  ]
-  stacked = jnp.stack(views)
+  stacked = jnp.stack(_window_views(xp, k, s, out))
   arg = jnp.argmax(stacked, axis=0)  # first maximum wins, like torch
   y = jnp.take_along_axis(stacked, arg[None], axis=0)[0]
   # Flat input index of each window offset, per output position (numpy).
