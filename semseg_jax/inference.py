@@ -18,8 +18,6 @@ from semseg_jax import visualize
 from semseg_jax.data import transforms
 from semseg_jax.progress import progress
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 # Inputs are padded to a multiple of this, so every network's strides fit.
 _PAD_MULTIPLE = 32
 
@@ -35,23 +33,18 @@ class Predictor:
 
   Args:
     model, variables: the network and its ``{'params', 'batch_stats'}``.
-    mean, std: RGB normalisation in 0-255 units (None: ImageNet's); ignored
-      when ``normalization`` is given.
+    normalization: a ``data.transforms.Normalization`` (mean, std, channel
+      order; ``data.pipeline.normalization(config.dataset)`` gives a
+      config's) or a preset name, ``'imagenet'`` (the default) or
+      ``'caffe_bgr'``.
     spec: whole/slide, scales, flip (default: one whole-image view).
-    normalization: a ``data.transforms.Normalization`` (e.g. the BGR Caffe
-      preset), as ``data.pipeline.normalization(config.dataset)`` returns.
   """
 
   def __init__(self, model, variables: dict[str, Any], *,
-               mean: Sequence[float] | None = IMAGENET_MEAN,
-               std: Sequence[float] | None = IMAGENET_STD, spec: evaluate.EvalSpec | None = None,
-               normalization: transforms.Normalization | None = None):
+               normalization: transforms.Normalization | str = 'imagenet',
+               spec: evaluate.EvalSpec | None = None):
     self.variables = variables
-    if normalization is None:
-      normalization = transforms.Normalization(
-          tuple(float(v) for v in (IMAGENET_MEAN if mean is None else mean)),
-          tuple(float(v) for v in (IMAGENET_STD if std is None else std)))
-    self.normalization = normalization
+    self.normalization = _normalization(normalization)
     self.spec = spec or evaluate.EvalSpec()
     self._views = evaluate.MultiViewPredictor(
         model.apply, _num_classes(model), self.spec, pad_multiple=_PAD_MULTIPLE)
@@ -71,6 +64,15 @@ class Predictor:
     x = self.normalization(image)
     pred = self._views.predictions(self.variables, x[None])[0]
     return np.asarray(pred, np.uint8)
+
+
+def _normalization(value) -> transforms.Normalization:
+  if isinstance(value, transforms.Normalization):
+    return value
+  if isinstance(value, str) and value in transforms.NORMALIZATIONS:
+    return transforms.NORMALIZATIONS[value]
+  raise ValueError(f'normalization must be a data.transforms.Normalization or one of '
+                   f'{sorted(transforms.NORMALIZATIONS)}, got {value!r}')
 
 
 def _num_classes(model) -> int:
@@ -97,7 +99,7 @@ def _as_image_list(images) -> tuple[list[np.ndarray], str]:
 
 def predict(images, *, workdir: str | None = None, model=None,
             variables: dict[str, Any] | None = None, checkpoint: str = 'latest',
-            mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+            normalization: transforms.Normalization | str | None = None,
             spec: evaluate.EvalSpec | None = None):
   """Label maps for ``images``.
 
@@ -106,7 +108,8 @@ def predict(images, *, workdir: str | None = None, model=None,
       images of any sizes, or image file paths.
     workdir: a training workdir; its config and ``checkpoint`` ('latest' or
       'best') are loaded. Otherwise pass ``model`` and ``variables``.
-    mean, std: RGB normalisation (0-255 units); default: the workdir's
+    normalization: a ``data.transforms.Normalization`` or a preset name
+      (``'imagenet'``, ``'caffe_bgr'``); default: the workdir's
       ``config.dataset`` normalisation, or ImageNet's.
     spec: whole/slide, scales and flip; default: the workdir's ``config.eval``,
       or one whole-image view.
@@ -115,7 +118,7 @@ def predict(images, *, workdir: str | None = None, model=None,
     uint8 class ids: ``[H, W]`` for one image, ``[N, H, W]`` for a batch, a list
     for a list.
   """
-  predictor = _make_predictor(workdir, model, variables, checkpoint, mean, std, spec)
+  predictor = _make_predictor(workdir, model, variables, checkpoint, normalization, spec)
   items, kind = _as_image_list(images)
   preds = [predictor(im) for im in items]
   if kind == 'single':
@@ -123,19 +126,19 @@ def predict(images, *, workdir: str | None = None, model=None,
   return np.stack(preds) if kind == 'batch' else preds
 
 
-def _make_predictor(workdir, model, variables, checkpoint, mean, std, spec) -> Predictor:
+def _make_predictor(workdir, model, variables, checkpoint, normalization, spec) -> Predictor:
   if workdir is not None:
     from semseg_jax import train  # pylint: disable=g-import-not-at-top (train imports us)
     config = train.load_config_from_workdir(workdir)
     from semseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top (imports grain)
     model, variables, _ = train.restore_variables(config, workdir, checkpoint)
-    normalization = (pipeline.normalization(config.dataset) if mean is None and std is None
-                     else None)
-    return Predictor(model, variables, mean=mean, std=std, normalization=normalization,
+    if normalization is None:
+      normalization = pipeline.normalization(config.dataset)
+    return Predictor(model, variables, normalization=normalization,
                      spec=spec or evaluate.validate_eval_config(config))
   if model is None or variables is None:
     raise ValueError('predict() needs workdir=... or both model=... and variables=...')
-  return Predictor(model, variables, mean=mean, std=std, spec=spec)
+  return Predictor(model, variables, normalization=normalization or 'imagenet', spec=spec)
 
 
 def read_image(path: str) -> np.ndarray:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from semseg_jax import export
+from semseg_jax.data.transforms import Normalization
 from semseg_jax.inference import Predictor
 from semseg_jax.models import get_model
 from semseg_jax.models.output import SegmentationOutput
@@ -102,7 +103,7 @@ def test_onnx_fixed_batch_and_labels_output(tmp_path):
   variables = random_variables(model)
   mean, std = (120.0, 110.0, 100.0), (60.0, 55.0, 50.0)
   image = np.random.default_rng(2).integers(0, 256, (2, *HW, 3), dtype=np.uint8)
-  want = np.stack([Predictor(model, variables, mean=mean, std=std)(im) for im in image])
+  want = np.stack([Predictor(model, variables, normalization=Normalization(mean, std))(im) for im in image])
   meta = export.export_model(model, variables, str(tmp_path), fmt='onnx',
                              spec=export.InputSpec(2, HW, 'labels'), mean=mean, std=std)
   run = export.load(str(tmp_path))
@@ -125,7 +126,7 @@ def test_stablehlo_labels_output_equals_predictor(tmp_path):
   export.export_model(model, variables, str(tmp_path), spec=export.InputSpec(None, HW, 'labels'),
                       mean=mean, std=std)
   got = np.asarray(export.load(str(tmp_path))(image))
-  want = np.stack([Predictor(model, variables, mean=mean, std=std)(im) for im in image])
+  want = np.stack([Predictor(model, variables, normalization=Normalization(mean, std))(im) for im in image])
   assert got.dtype == np.uint8
   np.testing.assert_array_equal(got, want)
 
@@ -276,6 +277,7 @@ _SAVEDMODEL_SCRIPT = '''
 import sys, numpy as np, jax, tensorflow as tf
 sys.path.insert(0, sys.argv[1])
 from semseg_jax import export
+from semseg_jax.data.transforms import Normalization
 from semseg_jax.models import get_model
 from tests.test_export import random_variables
 model = get_model('segnet', 5, width_mult=1 / 16)

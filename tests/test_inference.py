@@ -7,11 +7,13 @@ import pytest
 
 from semseg_jax import evaluate
 from semseg_jax import inference
+from semseg_jax.data import transforms
 from tests.test_evaluate import TinyNet
 from tests.testing_utils import tiny_config
 
 K = 5
 MEAN, STD = (100.0, 110.0, 120.0), (50.0, 60.0, 70.0)
+NORM = transforms.Normalization(MEAN, STD)
 
 
 @pytest.fixture(scope='module')
@@ -32,11 +34,26 @@ def normalised(image):
 def test_whole_pads_to_a_multiple_of_32_and_crops_back(net):
   model, variables = net
   image = uint8_image(37, 53)
-  pred = inference.predict(image, model=model, variables=variables, mean=MEAN, std=STD)
+  pred = inference.predict(image, model=model, variables=variables, normalization=NORM)
   assert pred.shape == (37, 53) and pred.dtype == np.uint8
   x = np.pad(normalised(image), ((0, 27), (0, 11), (0, 0)))[None]  # -> 64 x 64
   want = np.argmax(np.asarray(model.apply(variables, x, train=False).logits), -1)[0, :37, :53]
   np.testing.assert_array_equal(pred, want)
+
+
+def test_normalization_presets_by_name_and_bad_values(net):
+  model, variables = net
+  image = uint8_image(32, 32)
+  for name in ('imagenet', 'caffe_bgr'):
+    by_name = inference.predict(image, model=model, variables=variables, normalization=name)
+    preset = inference.predict(image, model=model, variables=variables,
+                               normalization=transforms.NORMALIZATIONS[name])
+    np.testing.assert_array_equal(by_name, preset)
+  default = inference.predict(image, model=model, variables=variables)
+  np.testing.assert_array_equal(default, inference.predict(
+      image, model=model, variables=variables, normalization='imagenet'))
+  with pytest.raises(ValueError, match="normalization must be .* got 'rgb'"):
+    inference.Predictor(model, variables, normalization='rgb')
 
 
 def test_predict_honours_slide_scales_and_flip(net):
@@ -44,7 +61,7 @@ def test_predict_honours_slide_scales_and_flip(net):
   spec = evaluate.EvalSpec(mode='slide', window=(16, 16), stride=(8, 8), window_batch=3,
                            scales=(0.75, 1.0), flip=True)
   images = [uint8_image(20, 30, 1), uint8_image(9, 41, 2)]  # One is smaller than a window.
-  preds = inference.predict(images, model=model, variables=variables, mean=MEAN, std=STD,
+  preds = inference.predict(images, model=model, variables=variables, normalization=NORM,
                             spec=spec)
   assert [p.shape for p in preds] == [(20, 30), (9, 41)]
   views = evaluate.MultiViewPredictor(model.apply, K, spec)
@@ -52,7 +69,7 @@ def test_predict_honours_slide_scales_and_flip(net):
     probs = np.asarray(views.probabilities(variables, jnp.asarray(normalised(image)[None])))
     np.testing.assert_array_equal(pred, np.argmax(probs[0], -1))
   # ... and slide really differs from the default whole-image view here.
-  whole = inference.predict(images[0], model=model, variables=variables, mean=MEAN, std=STD)
+  whole = inference.predict(images[0], model=model, variables=variables, normalization=NORM)
   assert (whole != preds[0]).any()
 
 
@@ -66,7 +83,7 @@ def test_predictor_from_config_reads_eval_and_normalisation(net):
                                              window_batch=4, flip=True)
   assert predictor.normalization.mean == MEAN and predictor.normalization.std == STD
   image = uint8_image(24, 24)
-  direct = inference.Predictor(model, variables, mean=MEAN, std=STD, spec=predictor.spec)
+  direct = inference.Predictor(model, variables, normalization=NORM, spec=predictor.spec)
   np.testing.assert_array_equal(predictor(image), direct(image))
   # Caffe weights: the network sees BGR minus the BGR mean.
   caffe = inference.Predictor.from_config(
@@ -101,7 +118,7 @@ def test_predict_files_writes_labels_overlays_and_panels(net, tmp_path):
   Image.fromarray(uint8_image(21, 34, 3)).save(inputs / 'a.png')
   Image.fromarray(uint8_image(16, 16, 4)).save(inputs / 'b.png')
   Image.fromarray(np.full((21, 34), 2, np.uint8)).save(labels / 'a.png')
-  predictor = inference.Predictor(model, variables, mean=MEAN, std=STD,
+  predictor = inference.Predictor(model, variables, normalization=NORM,
                                   spec=evaluate.EvalSpec(mode='slide', window=(16, 16)))
   palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9]], np.uint8)
   written = inference.predict_files(str(inputs / '*.png'), str(tmp_path / 'out'), predictor,
@@ -138,4 +155,4 @@ def test_predict_from_a_workdir_uses_its_config(net, monkeypatch):
   # An explicit spec wins over the workdir's.
   whole = inference.predict(image, workdir='/run', spec=evaluate.EvalSpec())
   np.testing.assert_array_equal(whole, inference.predict(image, model=model, variables=variables,
-                                                         mean=MEAN, std=STD))
+                                                         normalization=NORM))
