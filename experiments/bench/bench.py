@@ -354,6 +354,20 @@ def run_scaling(args) -> list[dict]:
 # Report.
 
 
+def _pin_to_cores(n: int) -> None:
+  """Runs this process (re-executed once) and its children on ``n`` cores.
+
+  Affinity is per thread on Linux and XLA starts its thread pools at import,
+  so the process restarts itself after pinning; every thread it and the
+  PyTorch worker create then inherits the mask.
+  """
+  cpus = sorted(os.sched_getaffinity(0))
+  if len(cpus) <= n:
+    return
+  os.sched_setaffinity(0, cpus[:n])
+  os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 def environment() -> dict:
   dev = jax.devices()[0]
   return {
@@ -362,6 +376,7 @@ def environment() -> dict:
       'jax': jax.__version__, 'backend': jax.default_backend(),
       'device': dev.device_kind, 'device_count': jax.device_count(),
       'cpu_count': os.cpu_count(), 'machine': platform.machine(),
+      'cpu_affinity': sorted(os.sched_getaffinity(0)),
       'python': platform.python_version(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'loadavg_start': [round(v, 2) for v in os.getloadavg()],
@@ -370,7 +385,7 @@ def environment() -> dict:
 
 def markdown(env, speed, memory, scaling) -> str:
   lines = [f"{env['date']}, jax {env['jax']} on {env['backend']} "
-           f"({env['device']}, {env['cpu_count']} CPUs), XLA_FLAGS="
+           f"({env['device']}, {env['cpu_count']} CPUs, running on {env['cpu_affinity']}), XLA_FLAGS="
            f"`{env['xla_flags']}`, load average {env['loadavg_start']} -> "
            f"{env.get('loadavg_end')}", '']
   if speed:
@@ -427,14 +442,18 @@ def main(argv=None):
   p.add_argument('--fast_conv', type=int, default=None,
                  help='layers.set_fast_conv_threshold (matmul weight grads)')
   p.add_argument('--threads', type=int, default=0,
-                 help='CPU threads for both JAX and PyTorch (0: their '
-                 'defaults). 1 is the fair choice on a loaded machine: '
-                 "OpenMP's barriers collapse when cores are oversubscribed")
+                 help='CPU cores for both JAX and PyTorch (0: all, with '
+                 'their default threads). Both processes are pinned to the '
+                 "same N cores (XLA's thread flags alone do not stop its "
+                 'convolutions using every core). 1 is the fair choice on a '
+                 "loaded machine: OpenMP's barriers collapse when cores are "
+                 'oversubscribed')
   p.add_argument('--out', default='')
   p.add_argument('--_scaling_worker', action='store_true',
                  help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.threads:
+    _pin_to_cores(args.threads)
     # Read when the XLA:CPU client starts (first jax.devices()), so setting
     # it here, after `import jax` but before any computation, is in time.
     os.environ['XLA_FLAGS'] = (
