@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +34,7 @@ STOP_AFTER = 3  # The two-process run is interrupted here and resumed.
 # Measured (with the stop and resume): 87 CPU-seconds over the 3 workers; 147 s
 # wall on 2 cores at load average 9 (other jobs running).
 WORKER_TIMEOUT_S = 420
+PREEMPT_STEPS = 100_000
 
 
 def _worker(workdir: str, out: str, stop_after: int | None) -> None:
@@ -242,6 +244,55 @@ def test_bad_process_environment_is_named(fake_initialize, monkeypatch, env, mat
   assert not calls
 
 
+def _preempted_worker(workdir: str) -> None:
+  """Trains 'forever' (a checkpoint and a log line every step) until SIGTERM stops it."""
+  from semseg_jax import sharding  # pylint: disable=g-import-not-at-top
+  sharding.initialize_distributed()
+  from semseg_jax import train  # pylint: disable=g-import-not-at-top
+  from tests import testing_utils  # pylint: disable=g-import-not-at-top
+  config = testing_utils.tiny_config(
+      num_train_steps=PREEMPT_STEPS, eval_every_steps=PREEMPT_STEPS, log_every_steps=1,
+      checkpoint_every_steps=PREEMPT_STEPS, num_eval_images_logged=0)
+  train.train_and_evaluate(config, workdir)  # Raises Preempted (exit status 0).
+  raise SystemExit(f'trained all {PREEMPT_STEPS} steps: SIGTERM never stopped the run')
+
+
+def test_sigterm_on_one_process_stops_both_at_one_checkpointed_step(tmp_path):
+  """A pod's preemption notice reaches one host: every host stops at the same step,
+  that step is checkpointed with each process's data-iterator state, and all exit 0."""
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    log_path = str(tmp_path / f'worker{pid}.log')
+    env = {'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2',
+           'JAX_PROCESS_ID': str(pid)}
+    procs.append((f'process {pid} of 2', _spawn(tmp_path / 'run', 'preempt', 2, env,
+                                                open(log_path, 'w')), log_path))
+  metrics = tmp_path / 'run' / 'metrics.jsonl'
+  deadline = time.monotonic() + WORKER_TIMEOUT_S
+  # Process 0 logs every step; two lines mean both processes are in the loop.
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    if time.monotonic() > deadline or any(p.poll() is not None for _, p, _ in procs):
+      _wait(procs)  # Shows the log of the worker that ended.
+      pytest.fail('the workers never reached their second training step')
+    time.sleep(0.2)
+  procs[1][1].send_signal(signal.SIGTERM)  # Only process 1 is told.
+  _wait(procs)  # Both must exit 0.
+
+  ckpts = tmp_path / 'run' / 'checkpoints'
+  steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  assert len(steps) == 1 and 2 <= steps[0] < PREEMPT_STEPS, steps
+  data_dir = ckpts / str(steps[0]) / 'data'
+  assert sorted(f for f in os.listdir(data_dir) if f.endswith('.json')) == [
+      'process_0-of-2.json', 'process_1-of-2.json']
+  for pid in range(2):
+    with open(tmp_path / f'worker{pid}.log') as f:
+      assert f'checkpoint of step {steps[0]} committed; exiting' in f.read()
+
+
 if __name__ == '__main__':
   sys.path.insert(0, ROOT)
-  _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+  if sys.argv[2] == 'preempt':
+    _preempted_worker(sys.argv[1])
+  else:
+    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
