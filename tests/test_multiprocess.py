@@ -115,17 +115,23 @@ def _wait(procs: list[tuple[str, subprocess.Popen, str]]) -> None:
       proc.stdout_file.close()
 
 
-def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
+def _spawn_job(tmp_path, workdir, out, stop_after: int | None = None) -> list:
+  """Two workers (2 CPU devices each) joined into one job; logs in ``tmp_path``."""
   port = _free_port()
   procs = []
   for pid in range(2):
     log_path = str(tmp_path / f'worker{pid}.log')
     env = {'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2',
            'JAX_PROCESS_ID': str(pid)}
-    # The two processes also stop after step STOP_AFTER and resume.
-    procs.append((f'process {pid} of 2', _spawn(tmp_path / 'multi', tmp_path / f'multi{pid}.npz',
-                                                2, env, open(log_path, 'w'), STOP_AFTER),
-                  log_path))
+    procs.append((f'process {pid} of 2', _spawn(workdir, out(pid), 2, env, open(log_path, 'w'),
+                                                stop_after), log_path))
+  return procs
+
+
+def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
+  # The two processes also stop after step STOP_AFTER and resume.
+  procs = _spawn_job(tmp_path, tmp_path / 'multi', lambda pid: tmp_path / f'multi{pid}.npz',
+                     STOP_AFTER)
   log_path = str(tmp_path / 'single.log')
   procs.append(('single process', _spawn(tmp_path / 'single', tmp_path / 'single.npz', 4, {},
                                          open(log_path, 'w')), log_path))
@@ -260,14 +266,7 @@ def _preempted_worker(workdir: str) -> None:
 def test_sigterm_on_one_process_stops_both_at_one_checkpointed_step(tmp_path):
   """A pod's preemption notice reaches one host: every host stops at the same step,
   that step is checkpointed with each process's data-iterator state, and all exit 0."""
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    log_path = str(tmp_path / f'worker{pid}.log')
-    env = {'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2',
-           'JAX_PROCESS_ID': str(pid)}
-    procs.append((f'process {pid} of 2', _spawn(tmp_path / 'run', 'preempt', 2, env,
-                                                open(log_path, 'w')), log_path))
+  procs = _spawn_job(tmp_path, tmp_path / 'run', lambda pid: 'preempt')
   metrics = tmp_path / 'run' / 'metrics.jsonl'
   deadline = time.monotonic() + WORKER_TIMEOUT_S
   # Process 0 logs every step; two lines mean both processes are in the loop.
