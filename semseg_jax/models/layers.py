@@ -174,17 +174,18 @@ def _dx_taps(x, w, g, pads, dil):
              pads[1][0]:pads[1][0] + x.shape[2]]
 
 
-def _taps_for_dx(x, w, g) -> bool:
+def _small_output(k_hw, out_hw) -> bool:
   """XLA:CPU's input-gradient convolution is pathological when the output
   map is small next to the kernel (FCN's fc6: 7x7 kernel on a 4x4 output,
   60x slower than the forward); per-tap matmuls cost what the forward does."""
-  kh, kw = w.shape[:2]
-  return kh * kw > 1 and g.shape[1] * g.shape[2] <= 4 * kh * kw
+  taps = k_hw[0] * k_hw[1]
+  return taps > 1 and out_hw[0] * out_hw[1] <= 4 * taps
 
 
 def _conv_matmul_dw_bwd(pads, dil, dw_taps, res, g):
   x, w = res
-  if _taps_for_dx(x, w, g) and min(p for pair in pads for p in pair) >= 0:
+  if (_small_output(w.shape[:2], g.shape[1:3])
+      and min(p for pair in pads for p in pair) >= 0):
     dx = _dx_taps(x, w, g, pads, dil)
   else:
     # Otherwise XLA's own transposed convolution is fine.
@@ -236,7 +237,7 @@ def fast_conv_general_dilated(lhs, rhs, window_strides, padding,
   goes to ``lax.conv_general_dilated`` unchanged. Output: ``[B, H', W', O]``
   in the promoted input dtype, exactly the forward of the plain conv. The
   input gradient is XLA's, except for small outputs under large kernels
-  (``_taps_for_dx``), where it is per-tap matmuls too. ``dw_taps=False``
+  (``_small_output``), where it is per-tap matmuls too. ``dw_taps=False``
   keeps XLA's weight gradient.
   """
   plain = functools.partial(
@@ -291,8 +292,7 @@ def _auto_conv(lhs, rhs, window_strides, padding, **kwargs):
     k_eff = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dil)]
     pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil)
     out_hw = [lhs.shape[1 + i] + sum(pads[i]) - k_eff[i] + 1 for i in (0, 1)]
-    if (rhs.shape[0] * rhs.shape[1] > 1 and
-        out_hw[0] * out_hw[1] <= 4 * rhs.shape[0] * rhs.shape[1]):
+    if _small_output(rhs.shape[:2], out_hw):
       fast = functools.partial(fast_conv_general_dilated,
                                window_strides=window_strides,
                                padding=padding, dw_taps=False, **kwargs)
@@ -613,10 +613,10 @@ def max_pool_with_argmax(x: Array, window: IntOrPair = 2,
   neg = jnp.array(-jnp.inf, x.dtype)
   xp = jnp.pad(x, ((0, 0), (p[0], hi[0]), (p[1], hi[1]), (0, 0)),
                constant_values=neg)
-  # One strided view per window offset: [k*k, B, h, w, C], row-major order.
-  stacked = jnp.stack(_window_views(xp, k, s, out))
-  arg = jnp.argmax(stacked, axis=0)  # first maximum wins, like torch
-  y = jnp.take_along_axis(stacked, arg[None], axis=0)[0]
+  # Values and gradient as max_pool's; the indices come from the argmax over
+  # the window offsets (row-major [k*k, B, h, w, C]; the first maximum wins).
+  y = _max_of_views(xp, k, s, out)
+  arg = jnp.argmax(jnp.stack(_window_views(xp, k, s, out)), axis=0)
   # Flat input index of each window offset, per output position (numpy).
   rows = (np.arange(out[0]) * s[0] - p[0])[:, None, None]
   cols = (np.arange(out[1]) * s[1] - p[1])[None, :, None]
