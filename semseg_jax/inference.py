@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -44,7 +44,8 @@ class Predictor:
                normalization: transforms.Normalization | str = 'imagenet',
                spec: evaluate.EvalSpec | None = None):
     self.variables = variables
-    self.normalization = _normalization(normalization)
+    self.normalization = (normalization if isinstance(normalization, transforms.Normalization)
+                          else transforms.normalization_preset(normalization))
     self.spec = spec or evaluate.EvalSpec()
     self._views = evaluate.MultiViewPredictor(
         model.apply, _num_classes(model), self.spec, pad_multiple=_PAD_MULTIPLE)
@@ -64,15 +65,6 @@ class Predictor:
     x = self.normalization(image)
     pred = self._views.predictions(self.variables, x[None])[0]
     return np.asarray(pred, np.uint8)
-
-
-def _normalization(value) -> transforms.Normalization:
-  if isinstance(value, transforms.Normalization):
-    return value
-  if isinstance(value, str) and value in transforms.NORMALIZATIONS:
-    return transforms.NORMALIZATIONS[value]
-  raise ValueError(f'normalization must be a data.transforms.Normalization or one of '
-                   f'{sorted(transforms.NORMALIZATIONS)}, got {value!r}')
 
 
 def _num_classes(model) -> int:

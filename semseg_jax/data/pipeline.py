@@ -153,9 +153,8 @@ def validate_dataset_config(cfg: Mapping[str, Any]) -> None:
     raise ValueError(f'dataset.color_jitter must be a number in [0, 1), got '
                      f'{cfg["color_jitter"]!r}')
   preset = cfg['normalization']
-  if preset != 'custom' and preset not in transforms.NORMALIZATIONS:
-    raise ValueError(f'dataset.normalization must be one of '
-                     f'{", ".join([*transforms.NORMALIZATIONS, "custom"])}, got {preset!r}')
+  if preset != 'custom':
+    _preset(preset)
   for key in ('mean', 'std'):
     value = cfg[key]
     if preset != 'custom':
@@ -185,10 +184,11 @@ def normalization(cfg: Mapping[str, Any]) -> transforms.Normalization:
     if cfg['mean'] is None or cfg['std'] is None:
       raise ValueError("dataset.normalization='custom' needs dataset.mean and dataset.std")
     return transforms.Normalization(tuple(map(float, cfg['mean'])), tuple(map(float, cfg['std'])))
-  if preset not in transforms.NORMALIZATIONS:
-    raise ValueError(f'dataset.normalization must be one of '
-                     f'{", ".join([*transforms.NORMALIZATIONS, "custom"])}, got {preset!r}')
-  return transforms.NORMALIZATIONS[preset]
+  return _preset(preset)
+
+
+def _preset(name: Any) -> transforms.Normalization:
+  return transforms.normalization_preset(name, 'dataset.normalization', others=('custom',))
 
 
 def _tuple(value: Any) -> tuple | None:

@@ -111,6 +111,16 @@ NORMALIZATIONS = {
 }
 
 
+def normalization_preset(name: Any, what: str = 'normalization',
+                         others: Sequence[str] = ()) -> Normalization:
+  """The preset ``NORMALIZATIONS[name]``; else a ValueError naming ``what``
+  and the valid names (the presets, then ``others``)."""
+  if isinstance(name, str) and name in NORMALIZATIONS:
+    return NORMALIZATIONS[name]
+  raise ValueError(f'{what} must be one of {", ".join([*NORMALIZATIONS, *others])}, '
+                   f'got {name!r}')
+
+
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   """``(image - mean) / std`` per channel (0-255 units, same channel order); float32."""
   return Normalization(tuple(mean), tuple(std))(image)
