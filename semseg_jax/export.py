@@ -386,7 +386,7 @@ def export_onnx(fn: Callable, spec: InputSpec, path: str, *, what: str = 'the ne
   per_call = dataclasses.replace(spec, batch=spec.batch or 1)
   closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(tuple(per_call.json_shape()), spec.dtype))
   supported = (set(plugin_system.PLUGIN_REGISTRY) | set(_ONNX_REWRITES) | set(_INLINE)
-               | {'platform_index', 'cond'})
+               | {'platform_index'})
   for eqn in _walk(closed.jaxpr):
     if eqn.primitive.name not in supported:
       raise ExportError(f'cannot export {what} to ONNX: operation {eqn.primitive.name!r}'
