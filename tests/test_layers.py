@@ -1,4 +1,5 @@
 """Tests of semseg_jax.models.layers against independent numpy references."""
+import functools
 import itertools
 
 import flax.linen as nn
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from semseg_jax.models import cpu_conv
 from semseg_jax.models import layers
 
 
@@ -456,30 +458,103 @@ def _conv_loss(conv_fn, padding, dil, stride=(1, 1)):
   return loss
 
 
-@pytest.mark.parametrize('k,padding,dil,stride', [
+_CONV_CASES = [
     (3, ((1, 1), (1, 1)), (1, 1), (1, 1)),
     (3, ((2, 2), (2, 2)), (2, 2), (1, 1)),
     (3, ((0, 1), (2, 0)), (1, 2), (1, 1)),
+    (3, ((-1, 2), (1, -1)), (1, 1), (1, 1)),  # negative padding crops
     (1, ((0, 0), (0, 0)), (1, 1), (1, 1)),
     (7, 'VALID', (1, 1), (1, 1)),
     (3, 'SAME', (1, 1), (1, 1)),
     (3, ((1, 1), (1, 1)), (1, 1), (2, 2)),  # strided: plain lax path
-])
-def test_fast_conv_matches_lax_values_and_grads(k, padding, dil, stride):
+]
+
+
+@pytest.mark.parametrize('weight_grad', ['taps', 'strips'])
+@pytest.mark.parametrize('k,padding,dil,stride', _CONV_CASES)
+def test_fast_conv_matches_lax_values_and_grads(k, padding, dil, stride,
+                                                weight_grad, monkeypatch):
+  # 2 output rows' worth of bytes per strip: several strips and a remainder.
+  monkeypatch.setattr(cpu_conv, '_STRIP_BYTES', 2 * 9 * 6 * 4 * 2)
   rng = _rng(7)
   x = jnp.asarray(rng.normal(size=(2, 11, 9, 5)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
   ref = _conv_loss(jax.lax.conv_general_dilated, padding, dil, stride)
-  fast = _conv_loss(layers.fast_conv_general_dilated, padding, dil, stride)
+  fast = _conv_loss(functools.partial(layers.fast_conv_general_dilated,
+                                      weight_grad=weight_grad),
+                    padding, dil, stride)
   np.testing.assert_allclose(fast(x, w), ref(x, w), rtol=1e-5)
   (gx, gw), (rx, rw) = (jax.jit(jax.grad(f, (0, 1)))(x, w)
                         for f in (fast, ref))
   np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5 * np.abs(rx).max())
   np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-5 * np.abs(rw).max())
-  # The custom VJP is really used on the stride-1 path: its weight gradient
-  # is built from dot products, not a backward convolution.
   hlo = jax.jit(jax.grad(fast, 1)).lower(x, w).as_text()
-  assert ('convolution' not in hlo) == (stride == (1, 1)), hlo.count('conv')
+  if weight_grad == 'taps':
+    # The custom VJP is really used on the stride-1 path: its weight
+    # gradient is built from dot products, not a backward convolution.
+    assert ('convolution' not in hlo) == (stride == (1, 1)), hlo.count('conv')
+  else:  # a loop over the full strips, each a forward convolution
+    oh, ow = jax.eval_shape(lambda: jax.lax.conv_general_dilated(
+        x, w, stride, padding, rhs_dilation=dil,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))).shape[1:3]
+    full = oh // cpu_conv.strip_rows(2, ow, 6, 4, oh)
+    assert ('while' in hlo) == (stride == (1, 1) and full > 1), (oh, full)
+
+
+def test_fast_conv_rejects_unknown_modes():
+  x, w = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
+  with pytest.raises(ValueError, match='weight_grad'):
+    layers.fast_conv_general_dilated(x, w, (1, 1), 'SAME', weight_grad='fft')
+  with pytest.raises(ValueError, match='input_grad'):
+    layers.fast_conv_general_dilated(x, w, (1, 1), 'SAME', input_grad='fft')
+
+
+def test_strip_rows_fills_the_strip_budget():
+  budget = cpu_conv._STRIP_BYTES
+  assert cpu_conv.strip_rows(2, 294, 64, 4, 294) == budget // (2 * 294 * 64 * 4)
+  assert cpu_conv.strip_rows(1, 10**6, 512, 4, 50) == 1  # at least a row
+  assert cpu_conv.strip_rows(1, 8, 8, 4, 12) == 12  # at most the map
+
+
+def test_large_maps_get_strip_weight_gradients_on_cpu():
+  """layers.conv on a map of >= _STRIP_MIN_PIXELS output pixels: the CPU
+  program sums the weight gradient over strips (a while loop) and equals
+  XLA's; a small map keeps XLA's backward; switching the routes off gives
+  plain convolutions, through which forward-mode autodiff works."""
+  rng = _rng(13)
+  module = layers.conv(64, 3, padding=1)  # 10-row strips at 48x48
+  big = None
+  for hw, expect_strips in ((48, True), (16, False)):
+    x = jnp.asarray(rng.normal(size=(2, hw, hw, 4)), jnp.float32)
+    variables = module.init(jax.random.key(0), x)
+    cot = jnp.asarray(rng.normal(size=(2, hw, hw, 64)), jnp.float32)
+
+    def loss(v, x, cot=cot):
+      return jnp.sum(module.apply(v, x) * cot)
+
+    def ref(w, x, cot=cot):
+      return jnp.sum(jax.lax.conv_general_dilated(
+          x, w, (1, 1), ((1, 1), (1, 1)),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC')) * cot)
+
+    gv, gx = jax.jit(jax.grad(loss, (0, 1)))(variables, x)
+    rw, rx = jax.grad(ref, (0, 1))(variables['params']['kernel'], x)
+    np.testing.assert_allclose(gv['params']['kernel'], rw, rtol=1e-5,
+                               atol=1e-5 * np.abs(rw).max())
+    np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5 * np.abs(rx).max())
+    hlo = jax.jit(jax.grad(loss)).lower(variables, x).compile().as_text()
+    assert ('while' in hlo) == expect_strips
+    big = big or (variables, x)
+  variables, x = big
+  assert 'custom_vjp' in str(jax.make_jaxpr(module.apply)(variables, x))
+  try:
+    layers.set_cpu_conv_gradients(False)
+    assert 'custom_vjp' not in str(jax.make_jaxpr(module.apply)(variables, x))
+    tangent = jax.tree.map(jnp.ones_like, variables)
+    _, jvp = jax.jvp(lambda v: module.apply(v, x), (variables,), (tangent,))
+    assert jvp.shape == (2, 48, 48, 64)
+  finally:
+    layers.set_cpu_conv_gradients(True)
 
 
 def test_fast_conv_threshold_routes_conv_modules():

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from semseg_jax.models import cpu_conv
+
 Array = jax.Array
 Dtype = Any
 IntOrPair = int | Sequence[int]
@@ -119,186 +121,12 @@ def maybe_remat(method: Callable[..., Any], enabled: bool,
 
 
 # ----------------------------------------------------------------------------
-# Convolution with a matmul weight gradient (CPU training speed).
+# Convolution gradients for XLA:CPU live in cpu_conv.py; these names stay
+# here for existing callers.
 
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
-# Default channel threshold of `conv`'s custom weight gradient (``None``:
-# off). See experiments/RESULTS.md "## Attempts" for the measurements that
-# chose it; ``set_fast_conv_threshold`` changes it process-wide.
-_FAST_CONV = {'min_channels': None}
-
-
-def set_fast_conv_threshold(min_channels: int | None) -> None:
-  """Routes stride-1 convs with ``min(C_in, C_out) >= min_channels`` through
-  :func:`fast_conv_general_dilated` (``None`` turns it off). Takes effect
-  for modules traced afterwards."""
-  if min_channels is not None and int(min_channels) < 1:
-    raise ValueError(f'min_channels must be >= 1 or None, got {min_channels}')
-  _FAST_CONV['min_channels'] = (None if min_channels is None
-                                else int(min_channels))
-
-
-def _plain_conv(x, w, pads, dil, precision=None):
-  return jax.lax.conv_general_dilated(
-      x, w, (1, 1), pads, rhs_dilation=dil, dimension_numbers=_NHWC,
-      precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_matmul_dw(x, w, pads, dil, dw_taps=True):
-  del dw_taps
-  return _plain_conv(x, w, pads, dil)
-
-
-def _conv_matmul_dw_fwd(x, w, pads, dil, dw_taps=True):
-  del dw_taps
-  return _plain_conv(x, w, pads, dil), (x, w)
-
-
-def _dx_taps(x, w, g, pads, dil):
-  """Input gradient as one matmul per tap, scattered back by padding:
-  ``dx_pad[:, i + u*dh, j + v*dw] += g[:, i, j] @ w[u, v]^T``."""
-  kh, kw = w.shape[:2]
-  oh, ow = g.shape[1:3]
-  hp = x.shape[1] + pads[0][0] + pads[0][1]
-  wp = x.shape[2] + pads[1][0] + pads[1][1]
-  dxp = None
-  for u in range(kh):
-    for v in range(kw):
-      tap = jnp.einsum('bhwo,io->bhwi', g, w[u, v],
-                       preferred_element_type=jnp.float32)
-      r, c = u * dil[0], v * dil[1]
-      tap = jnp.pad(tap, ((0, 0), (r, hp - r - oh), (c, wp - c - ow), (0, 0)))
-      dxp = tap if dxp is None else dxp + tap
-  return dxp[:, pads[0][0]:pads[0][0] + x.shape[1],
-             pads[1][0]:pads[1][0] + x.shape[2]]
-
-
-def _small_output(k_hw, out_hw) -> bool:
-  """XLA:CPU's input-gradient convolution is pathological when the output
-  map is small next to the kernel (FCN's fc6: 7x7 kernel on a 4x4 output,
-  60x slower than the forward); per-tap matmuls cost what the forward does."""
-  taps = k_hw[0] * k_hw[1]
-  return taps > 1 and out_hw[0] * out_hw[1] <= 4 * taps
-
-
-def _conv_matmul_dw_bwd(pads, dil, dw_taps, res, g):
-  x, w = res
-  if (_small_output(w.shape[:2], g.shape[1:3])
-      and min(p for pair in pads for p in pair) >= 0):
-    dx = _dx_taps(x, w, g, pads, dil)
-  else:
-    # Otherwise XLA's own transposed convolution is fine.
-    _, vjp_x = jax.vjp(lambda x_: _plain_conv(x_, w, pads, dil), x)
-    (dx,) = vjp_x(g)
-  if not dw_taps:
-    _, vjp_w = jax.vjp(lambda w_: _plain_conv(x, w_, pads, dil), w)
-    (dw,) = vjp_w(g)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-  # The weight gradient as one matmul per kernel tap: tap (u, v) sees the
-  # padded input shifted by (u * dh, v * dw), so
-  # dW[u, v] = sum_{b,i,j} x_pad[b, i + u*dh, j + v*dw, :]^T g[b, i, j, :].
-  # XLA:CPU runs these large-K matmuls much faster than its dW convolution.
-  kh, kw = w.shape[:2]
-  oh, ow = g.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  taps = []
-  for u in range(kh):
-    for v in range(kw):
-      patch = jax.lax.slice(
-          xp, (0, u * dil[0], v * dil[1], 0),
-          (xp.shape[0], u * dil[0] + oh, v * dil[1] + ow, xp.shape[3]))
-      taps.append(jnp.einsum('bhwi,bhwo->io', patch, g,
-                             preferred_element_type=jnp.float32))
-  dw = jnp.stack(taps).reshape(w.shape).astype(w.dtype)
-  return dx.astype(x.dtype), dw
-
-
-_conv_matmul_dw.defvjp(_conv_matmul_dw_fwd, _conv_matmul_dw_bwd)
-
-
-def _explicit_pads(padding, in_hw, k_hw, dil):
-  if isinstance(padding, str):
-    eff = [(k - 1) * d + 1 for k, d in zip(k_hw, dil)]
-    return tuple(jax.lax.padtype_to_pads(in_hw, eff, (1, 1), padding))
-  return tuple((int(lo), int(hi)) for lo, hi in padding)
-
-
-def fast_conv_general_dilated(lhs, rhs, window_strides, padding,
-                              lhs_dilation=None, rhs_dilation=None,
-                              dimension_numbers=None, feature_group_count=1,
-                              batch_group_count=1, precision=None,
-                              preferred_element_type=None, dw_taps=True):
-  """Drop-in ``lax.conv_general_dilated`` whose weight gradient is a sum of
-  per-tap matmuls (same values; faster dW on XLA:CPU for wide layers).
-
-  Used for stride-1, undilated-input, ungrouped NHWC/HWIO convolutions;
-  every other case (and ``preferred_element_type`` / ``precision`` requests)
-  goes to ``lax.conv_general_dilated`` unchanged. Output: ``[B, H', W', O]``
-  in the promoted input dtype, exactly the forward of the plain conv. The
-  input gradient is XLA's, except for small outputs under large kernels
-  (``_small_output``), where it is per-tap matmuls too. ``dw_taps=False``
-  keeps XLA's weight gradient.
-  """
-  plain = functools.partial(
-      jax.lax.conv_general_dilated, lhs, rhs, window_strides, padding,
-      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count, precision=precision,
-      preferred_element_type=preferred_element_type)
-  if lhs.ndim != 4:
-    return plain()
-  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-  dn = (dimension_numbers if dimension_numbers is None or isinstance(
-      dimension_numbers, jax.lax.ConvDimensionNumbers) else
-        jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                       dimension_numbers))
-  if (dn != nhwc or tuple(window_strides) != (1, 1)
-      or (lhs_dilation is not None and tuple(lhs_dilation) != (1, 1))
-      or feature_group_count != 1 or batch_group_count != 1
-      or precision is not None or preferred_element_type is not None):
-    return plain()
-  dil = (1, 1) if rhs_dilation is None else tuple(int(d) for d in rhs_dilation)
-  pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil)
-  dtype = jnp.result_type(lhs, rhs)
-  return _conv_matmul_dw(lhs.astype(dtype), rhs.astype(dtype), pads, dil,
-                         bool(dw_taps))
-
-
-def _auto_conv(lhs, rhs, window_strides, padding, **kwargs):
-  """What :func:`conv` uses: ``fast_conv_general_dilated`` for layers at
-  least as wide as the threshold; XLA's weight gradient with the per-tap
-  input gradient where XLA:CPU's is pathological (a large kernel on a small
-  output map: FCN's fc6); plain ``lax.conv_general_dilated`` otherwise.
-  Values and gradients are the same in every case (tests).
-
-  Both special cases are XLA:CPU workarounds: they apply only when the
-  program is lowered for CPU (``lax.platform_dependent``); GPUs and TPUs
-  run XLA's convolutions. They are custom VJPs, so forward-mode
-  differentiation (``jax.jvp``) through those layers is not available.
-  """
-  plain = functools.partial(jax.lax.conv_general_dilated,
-                            window_strides=window_strides, padding=padding,
-                            **kwargs)
-  threshold = _FAST_CONV['min_channels']
-  fast = None
-  if threshold is not None and min(lhs.shape[-1], rhs.shape[-1]) >= threshold:
-    fast = functools.partial(fast_conv_general_dilated,
-                             window_strides=window_strides, padding=padding,
-                             **kwargs)
-  elif lhs.ndim == 4 and tuple(window_strides) == (1, 1):
-    dil = kwargs.get('rhs_dilation') or (1, 1)
-    k_eff = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dil)]
-    pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil)
-    out_hw = [lhs.shape[1 + i] + sum(pads[i]) - k_eff[i] + 1 for i in (0, 1)]
-    if _small_output(rhs.shape[:2], out_hw):
-      fast = functools.partial(fast_conv_general_dilated,
-                               window_strides=window_strides,
-                               padding=padding, dw_taps=False, **kwargs)
-  if fast is None:
-    return plain(lhs, rhs)
-  return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=plain)
+fast_conv_general_dilated = cpu_conv.fast_conv_general_dilated
+set_fast_conv_threshold = cpu_conv.set_fast_conv_threshold
+set_cpu_conv_gradients = cpu_conv.set_cpu_conv_gradients
 
 
 # ----------------------------------------------------------------------------
@@ -321,11 +149,12 @@ def conv(features: int,
   which XLA lowers to ``rhs_dilation`` (atrous convolution): output size is
   ``floor((H + 2p - d * (k - 1) - 1) / s) + 1`` as in PyTorch.
   Parameters stay float32; ``dtype`` is the computation dtype. Gradients go
-  through :func:`_auto_conv` (per-tap matmuls where XLA:CPU's backward
-  convolutions are slow; same parameters and values).
+  through :func:`cpu_conv.auto_conv` (on CPU, strip-wise weight gradients
+  and per-tap input gradients where XLA:CPU's backward convolutions are
+  slow; same parameters and values).
   """
   fast = ({} if 'conv_general_dilated' in kwargs else
-          {'conv_general_dilated': _auto_conv})
+          {'conv_general_dilated': cpu_conv.auto_conv})
   return nn.Conv(
       features=features,
       kernel_size=_pair(kernel_size, 'kernel_size'),

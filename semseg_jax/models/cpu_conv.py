@@ -1,0 +1,321 @@
+"""Convolution gradients that XLA:CPU runs fast (training speed on a CPU).
+
+XLA:CPU lowers a convolution's weight gradient as one convolution whose
+"kernel" is the whole output gradient and whose output is the ``kh x kw``
+kernel, with the input channels as its batch. Its libraries run that form
+at a fraction of the forward's speed once the map is large (FCN's conv1_2,
+2x294x294x64: forward 83 ms, weight gradient 290 ms, PyTorch's 95 ms), and
+its generic kernels take narrow layers (<= 16 channels: U-Net's top) at 4-6x
+the forward. :func:`auto_conv`, what ``layers.conv`` uses, keeps XLA's
+forward and replaces the backward where measurements say XLA:CPU is slow
+(experiments/RESULTS.md, "Attempts"):
+
+* ``'strips'`` weight gradient (maps of at least ``_STRIP_MIN_PIXELS``
+  output pixels): the output rows are cut into strips of a few rows, and a
+  ``fori_loop`` sums each strip's weight gradient, written out as a forward
+  convolution in the layout XLA:CPU's convolution library takes. Each strip
+  fits in the core's cache (2.7-3.3x faster for FCN's and U-Net's large
+  maps, 3-4x for narrow layers).
+* ``'taps'`` input gradient (a large kernel on a small output map: FCN's
+  fc6, 7x7 on 4x4, where XLA's is ~15x the forward): one matmul per tap.
+* ``'taps'`` weight gradient, opt-in (``set_fast_conv_threshold``).
+
+All of this applies only when the program is lowered for CPU
+(``lax.platform_dependent``); GPUs and TPUs run XLA's own convolutions.
+Values are equal up to float summation order (tests). The replacements are
+``jax.custom_vjp`` rules, so forward-mode differentiation (``jax.jvp``,
+``jax.linearize``) through a routed convolution raises; call
+``set_cpu_conv_gradients(False)`` before tracing to get XLA's plain
+convolutions everywhere.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+# Process-wide switches, read when a module is traced.
+_SETTINGS = {
+    # Channel threshold of the opt-in per-tap weight gradient (None: off).
+    'min_channels': None,
+    # The automatic CPU routes of `auto_conv` ('strips' dW, 'taps' dx).
+    'enabled': True,
+}
+# Output maps with at least this many pixels (48x48 ~ 2304) get the strip
+# weight gradient: from 48x48 up it won at every width measured (16-512
+# channels); at 37x37 x 512 channels XLA's own was 10% faster.
+_STRIP_MIN_PIXELS = 2048
+# Bytes of output gradient per strip: ~256 KiB (a quarter of this CPU's
+# 1 MiB L2) was fastest between 96x96 and 294x294 maps.
+_STRIP_BYTES = 256 * 1024
+
+
+def set_fast_conv_threshold(min_channels: int | None) -> None:
+  """Routes stride-1 convs with ``min(C_in, C_out) >= min_channels`` through
+  :func:`fast_conv_general_dilated` with the per-tap weight gradient
+  (``None`` turns it off). Takes effect for modules traced afterwards."""
+  if min_channels is not None and int(min_channels) < 1:
+    raise ValueError(f'min_channels must be >= 1 or None, got {min_channels}')
+  _SETTINGS['min_channels'] = (None if min_channels is None
+                               else int(min_channels))
+
+
+def set_cpu_conv_gradients(enabled: bool) -> None:
+  """Turns :func:`auto_conv`'s automatic CPU gradient routes on (default) or
+  off (XLA's plain convolutions everywhere, forward-mode autodiff works).
+  Takes effect for modules traced afterwards."""
+  _SETTINGS['enabled'] = bool(enabled)
+
+
+def _plain_conv(x, w, pads, dil):
+  return jax.lax.conv_general_dilated(
+      x, w, (1, 1), pads, rhs_dilation=dil, dimension_numbers=_NHWC)
+
+
+def _xla_dx(x, w, g, pads, dil):
+  _, vjp_x = jax.vjp(lambda x_: _plain_conv(x_, w, pads, dil), x)
+  return vjp_x(g)[0]
+
+
+def _xla_dw(x, w, g, pads, dil):
+  _, vjp_w = jax.vjp(lambda w_: _plain_conv(x, w_, pads, dil), w)
+  return vjp_w(g)[0]
+
+
+def _dx_taps(x, w, g, pads, dil):
+  """Input gradient as one matmul per tap, scattered back by padding:
+  ``dx_pad[:, i + u*dh, j + v*dw] += g[:, i, j] @ w[u, v]^T``."""
+  kh, kw = w.shape[:2]
+  oh, ow = g.shape[1:3]
+  hp = x.shape[1] + pads[0][0] + pads[0][1]
+  wp = x.shape[2] + pads[1][0] + pads[1][1]
+  dxp = None
+  for u in range(kh):
+    for v in range(kw):
+      tap = jnp.einsum('bhwo,io->bhwi', g, w[u, v],
+                       preferred_element_type=jnp.float32)
+      r, c = u * dil[0], v * dil[1]
+      tap = jnp.pad(tap, ((0, 0), (r, hp - r - oh), (c, wp - c - ow), (0, 0)))
+      dxp = tap if dxp is None else dxp + tap
+  return dxp[:, pads[0][0]:pads[0][0] + x.shape[1],
+             pads[1][0]:pads[1][0] + x.shape[2]]
+
+
+def _pad_input(x, pads):
+  """Zero padding ``pads`` on H and W; negative pads crop."""
+  zero = jnp.zeros((), x.dtype)
+  return jax.lax.pad(x, zero, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0),
+                               (0, 0, 0)))
+
+
+def _dw_taps(x, w, g, pads, dil):
+  """The weight gradient as one matmul per kernel tap: tap (u, v) sees the
+  padded input shifted by (u * dh, v * dw), so
+  ``dW[u, v] = sum_{b,i,j} x_pad[b, i + u*dh, j + v*dw, :]^T g[b, i, j, :]``."""
+  kh, kw = w.shape[:2]
+  oh, ow = g.shape[1:3]
+  xp = _pad_input(x, pads)
+  taps = []
+  for u in range(kh):
+    for v in range(kw):
+      patch = jax.lax.slice(
+          xp, (0, u * dil[0], v * dil[1], 0),
+          (xp.shape[0], u * dil[0] + oh, v * dil[1] + ow, xp.shape[3]))
+      taps.append(jnp.einsum('bhwi,bhwo->io', patch, g,
+                             preferred_element_type=jnp.float32))
+  return jnp.stack(taps).reshape(w.shape)
+
+
+def strip_rows(batch: int, out_w: int, out_c: int, itemsize: int,
+               out_h: int) -> int:
+  """Rows per strip of :func:`_dw_strips`: about ``_STRIP_BYTES`` of output
+  gradient, at least 1 and at most the whole map."""
+  per_row = max(1, batch * out_w * out_c * itemsize)
+  return max(1, min(out_h, _STRIP_BYTES // per_row))
+
+
+def _strip_dw(xs, gs, dil):
+  """One strip's weight gradient as a forward convolution.
+
+  ``dW[u, v, i, o] = sum_{b,h,w} xs[b, h + dh*u, w + dw*v, i] gs[b, h, w, o]``
+  is a VALID convolution of the image ``xs^T`` (``[C_in, rows, W, B]``: the
+  input channels as its batch, the batch as its features) with the kernel
+  ``gs^T`` (``[rows, W_out, B, C_out]``) at window stride ``dil``: written
+  out so, XLA:CPU hands it to its convolution library in the NHWC/HWIO
+  layout that library takes, instead of its slow generic kernel.
+  """
+  lhs = xs.transpose(3, 1, 2, 0)
+  rhs = gs.transpose(1, 2, 0, 3)
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, dil, 'VALID', dimension_numbers=_NHWC,
+      preferred_element_type=jnp.float32)  # [C_in, kh, kw, C_out]
+
+
+def _dw_strips(x, w, g, pads, dil):
+  """The weight gradient summed over strips of output rows (a fori_loop over
+  the full strips, then the remainder), each strip's a cache-sized forward
+  convolution (:func:`_strip_dw`)."""
+  xp = _pad_input(x, pads)  # stride 1: oh + halo rows
+  b, oh, ow, co = g.shape
+  halo = dil[0] * (w.shape[0] - 1)
+  rows = strip_rows(b, ow, co, g.dtype.itemsize, oh)
+  n, rest = divmod(oh, rows)
+  if n == 1 and not rest:
+    return _strip_dw(xp, g, dil).transpose(1, 2, 0, 3)
+
+  def body(i, acc):
+    xs = jax.lax.dynamic_slice_in_dim(xp, i * rows, rows + halo, 1)
+    gs = jax.lax.dynamic_slice_in_dim(g, i * rows, rows, 1)
+    return acc + _strip_dw(xs, gs, dil)
+
+  acc = jnp.zeros((x.shape[3], *w.shape[:2], co), jnp.float32)
+  acc = jax.lax.fori_loop(0, n, body, acc)
+  if rest:
+    acc = acc + _strip_dw(xp[:, n * rows:], g[:, n * rows:], dil)
+  return acc.transpose(1, 2, 0, 3)
+
+
+_WEIGHT_GRADS = {'xla': _xla_dw, 'taps': _dw_taps, 'strips': _dw_strips}
+_INPUT_GRADS = {'xla': _xla_dx, 'taps': _dx_taps}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, w, pads, dil, dx_mode, dw_mode):
+  del dx_mode, dw_mode
+  return _plain_conv(x, w, pads, dil)
+
+
+def _conv_fwd(x, w, pads, dil, dx_mode, dw_mode):
+  del dx_mode, dw_mode
+  return _plain_conv(x, w, pads, dil), (x, w)
+
+
+def _conv_bwd(pads, dil, dx_mode, dw_mode, res, g):
+  x, w = res
+  dx = _INPUT_GRADS[dx_mode](x, w, g, pads, dil)
+  dw = _WEIGHT_GRADS[dw_mode](x, w, g, pads, dil)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _small_output(k_hw, out_hw) -> bool:
+  """XLA:CPU's input-gradient convolution is pathological when the output
+  map is small next to the kernel (FCN's fc6: 7x7 kernel on a 4x4 output,
+  60x slower than the forward); per-tap matmuls cost what the forward does."""
+  taps = k_hw[0] * k_hw[1]
+  return taps > 1 and out_hw[0] * out_hw[1] <= 4 * taps
+
+
+def _explicit_pads(padding, in_hw, k_hw, dil):
+  if isinstance(padding, str):
+    eff = [(k - 1) * d + 1 for k, d in zip(k_hw, dil)]
+    return tuple(jax.lax.padtype_to_pads(in_hw, eff, (1, 1), padding))
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _routable(lhs, rhs, window_strides, dimension_numbers=None,
+              lhs_dilation=None, feature_group_count=1, batch_group_count=1,
+              precision=None, preferred_element_type=None, **_):
+  """Whether the custom rules cover this call: stride 1, 4-D NHWC/HWIO, no
+  input dilation, groups or precision requests."""
+  if lhs.ndim != 4:
+    return False
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  dn = (dimension_numbers if dimension_numbers is None or isinstance(
+      dimension_numbers, jax.lax.ConvDimensionNumbers) else
+        jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                       dimension_numbers))
+  return (dn == nhwc and tuple(window_strides) == (1, 1)
+          and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+          and feature_group_count == 1 and batch_group_count == 1
+          and precision is None and preferred_element_type is None)
+
+
+def _routed(lhs, rhs, padding, rhs_dilation, dx_mode, dw_mode):
+  dil = (1, 1) if rhs_dilation is None else tuple(int(d) for d in rhs_dilation)
+  pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil)
+  dtype = jnp.result_type(lhs, rhs)
+  return _conv(lhs.astype(dtype), rhs.astype(dtype), pads, dil, dx_mode,
+               dw_mode)
+
+
+def fast_conv_general_dilated(lhs, rhs, window_strides, padding,
+                              lhs_dilation=None, rhs_dilation=None,
+                              dimension_numbers=None, feature_group_count=1,
+                              batch_group_count=1, precision=None,
+                              preferred_element_type=None,
+                              weight_grad='taps', input_grad='auto'):
+  """Drop-in ``lax.conv_general_dilated`` with a chosen backward.
+
+  Stride-1, undilated-input, ungrouped NHWC/HWIO convolutions get XLA's
+  forward (the same values) and the custom VJP: ``weight_grad`` is
+  ``'taps'`` (one matmul per kernel tap), ``'strips'`` (cache-sized strips
+  of output rows, each a forward convolution) or ``'xla'``; ``input_grad``
+  is ``'taps'``, ``'xla'`` or ``'auto'`` (taps for a small output under a
+  large kernel, else XLA's). Every other call (and ``precision`` /
+  ``preferred_element_type`` requests) goes to ``lax.conv_general_dilated``
+  unchanged. Output: ``[B, H', W', O]`` in the promoted input dtype.
+  """
+  kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                dimension_numbers=dimension_numbers,
+                feature_group_count=feature_group_count,
+                batch_group_count=batch_group_count, precision=precision,
+                preferred_element_type=preferred_element_type)
+  if weight_grad not in _WEIGHT_GRADS:
+    raise ValueError(f'weight_grad must be one of {sorted(_WEIGHT_GRADS)}, '
+                     f'got {weight_grad!r}')
+  if input_grad not in (*_INPUT_GRADS, 'auto'):
+    raise ValueError(f"input_grad must be 'auto' or one of "
+                     f'{sorted(_INPUT_GRADS)}, got {input_grad!r}')
+  if not _routable(lhs, rhs, window_strides, **kwargs):
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding,
+                                        **kwargs)
+  if input_grad == 'auto':
+    input_grad = 'taps' if _small_output(
+        rhs.shape[:2], _out_hw(lhs, rhs, padding, rhs_dilation)) else 'xla'
+  return _routed(lhs, rhs, padding, rhs_dilation, input_grad, weight_grad)
+
+
+def _out_hw(lhs, rhs, padding, rhs_dilation):
+  dil = rhs_dilation or (1, 1)
+  k_eff = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dil)]
+  pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil)
+  return [lhs.shape[1 + i] + sum(pads[i]) - k_eff[i] + 1 for i in (0, 1)]
+
+
+def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
+  """``(input_grad, weight_grad)`` that :func:`auto_conv` uses on CPU for
+  this call, or ``None`` for XLA's plain convolution."""
+  if not _routable(lhs, rhs, window_strides, **kwargs):
+    return None
+  threshold = _SETTINGS['min_channels']
+  out_hw = _out_hw(lhs, rhs, padding, kwargs.get('rhs_dilation'))
+  small = _small_output(rhs.shape[:2], out_hw)
+  dx = 'taps' if small else 'xla'
+  if threshold is not None and min(lhs.shape[-1], rhs.shape[-1]) >= threshold:
+    return dx, 'taps'
+  if not _SETTINGS['enabled']:
+    return None
+  if out_hw[0] * out_hw[1] >= _STRIP_MIN_PIXELS:
+    return dx, 'strips'
+  return (dx, 'xla') if small else None
+
+
+def auto_conv(lhs, rhs, window_strides, padding, **kwargs):
+  """What ``layers.conv`` uses: ``lax.conv_general_dilated`` whose backward,
+  when lowered for CPU, takes the routes of :func:`cpu_modes` (module
+  docstring). Values and gradients equal XLA's up to summation order."""
+  plain = functools.partial(jax.lax.conv_general_dilated,
+                            window_strides=window_strides, padding=padding,
+                            **kwargs)
+  modes = cpu_modes(lhs, rhs, window_strides, padding, **kwargs)
+  if modes is None:
+    return plain(lhs, rhs)
+  fast = functools.partial(_routed, padding=padding,
+                           rhs_dilation=kwargs.get('rhs_dilation'),
+                           dx_mode=modes[0], dw_mode=modes[1])
+  return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=plain)
