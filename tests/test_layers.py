@@ -470,10 +470,12 @@ _CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize('weight_grad', ['taps', 'strips'])
+@pytest.mark.parametrize('weight_grad,forward', [('taps', 'xla'),
+                                                 ('strips', 'cols')])
 @pytest.mark.parametrize('k,padding,dil,stride', _CONV_CASES)
 def test_fast_conv_matches_lax_values_and_grads(k, padding, dil, stride,
-                                                weight_grad, monkeypatch):
+                                                weight_grad, forward,
+                                                monkeypatch):
   # 2 output rows' worth of bytes per strip: several strips and a remainder.
   monkeypatch.setattr(cpu_conv, '_STRIP_BYTES', 2 * 9 * 6 * 4 * 2)
   rng = _rng(7)
@@ -481,7 +483,8 @@ def test_fast_conv_matches_lax_values_and_grads(k, padding, dil, stride,
   w = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
   ref = _conv_loss(jax.lax.conv_general_dilated, padding, dil, stride)
   fast = _conv_loss(functools.partial(layers.fast_conv_general_dilated,
-                                      weight_grad=weight_grad),
+                                      weight_grad=weight_grad,
+                                      forward=forward),
                     padding, dil, stride)
   np.testing.assert_allclose(fast(x, w), ref(x, w), rtol=1e-5)
   (gx, gw), (rx, rw) = (jax.jit(jax.grad(f, (0, 1)))(x, w)
@@ -507,6 +510,8 @@ def test_fast_conv_rejects_unknown_modes():
     layers.fast_conv_general_dilated(x, w, (1, 1), 'SAME', weight_grad='fft')
   with pytest.raises(ValueError, match='input_grad'):
     layers.fast_conv_general_dilated(x, w, (1, 1), 'SAME', input_grad='fft')
+  with pytest.raises(ValueError, match='forward'):
+    layers.fast_conv_general_dilated(x, w, (1, 1), 'SAME', forward='fft')
 
 
 def test_strip_rows_fills_the_strip_budget():

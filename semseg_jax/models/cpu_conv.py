@@ -1,4 +1,4 @@
-"""Convolution gradients that XLA:CPU runs fast (training speed on a CPU).
+"""Convolution formulations that XLA:CPU runs fast (training on a CPU).
 
 XLA:CPU lowers a convolution's weight gradient as one convolution whose
 "kernel" is the whole output gradient and whose output is the ``kh x kw``
@@ -7,7 +7,7 @@ at a fraction of the forward's speed once the map is large (FCN's conv1_2,
 2x294x294x64: forward 83 ms, weight gradient 290 ms, PyTorch's 95 ms), and
 its generic kernels take narrow layers (<= 16 channels: U-Net's top) at 4-6x
 the forward. :func:`auto_conv`, what ``layers.conv`` uses, keeps XLA's
-forward and replaces the backward where measurements say XLA:CPU is slow
+convolutions except where measurements say XLA:CPU is slow
 (experiments/RESULTS.md, "Attempts"):
 
 * ``'strips'`` weight gradient (maps of at least ``_STRIP_MIN_PIXELS``
@@ -16,8 +16,12 @@ forward and replaces the backward where measurements say XLA:CPU is slow
   convolution in the layout XLA:CPU's convolution library takes. Each strip
   fits in the core's cache (2.7-3.3x faster for FCN's and U-Net's large
   maps, 3-4x for narrow layers).
-* ``'taps'`` input gradient (a large kernel on a small output map: FCN's
-  fc6, 7x7 on 4x4, where XLA's is ~15x the forward): one matmul per tap.
+* ``'taps'`` input gradient (a large kernel on a small output map, FCN's
+  fc6, 7x7 on 4x4, where XLA's is ~15x the forward; or few output pixels
+  next to the channels, PSPNet's 4096 -> 512 on 12x12, 2x faster): one
+  matmul per tap, no transposed copy of the kernel.
+* ``'cols'`` forward for those small outputs: the im2col patches times the
+  kernel, one matmul (fc6: 241 -> 65 ms).
 * ``'taps'`` weight gradient, opt-in (``set_fast_conv_threshold``).
 
 All of this applies only when the program is lowered for CPU
@@ -177,25 +181,46 @@ def _dw_strips(x, w, g, pads, dil):
   return acc.transpose(1, 2, 0, 3)
 
 
+def _fwd_cols(x, w, pads, dil):
+  """The forward as one matmul of the im2col patches ``[B*H'*W', kh*kw*C]``
+  with the kernel ``[kh*kw*C, O]`` (small outputs only, so the patches
+  stay small: FCN's fc6, 7x7 VALID on 2x10x10 x 512, is 241 ms as XLA:CPU's
+  convolution and 65 ms so)."""
+  kh, kw, ci, co = w.shape
+  xp = _pad_input(x, pads)
+  b = x.shape[0]
+  oh = xp.shape[1] - dil[0] * (kh - 1)
+  ow = xp.shape[2] - dil[1] * (kw - 1)
+  cols = jnp.concatenate([
+      xp[:, u * dil[0]:u * dil[0] + oh, v * dil[1]:v * dil[1] + ow]
+      for u in range(kh) for v in range(kw)], axis=-1)
+  y = jnp.dot(cols.reshape(b * oh * ow, kh * kw * ci), w.reshape(-1, co),
+              preferred_element_type=jnp.float32)
+  return y.reshape(b, oh, ow, co).astype(jnp.result_type(x, w))
+
+
+def _xla_fwd(x, w, pads, dil):
+  return _plain_conv(x, w, pads, dil)
+
+
+_FORWARDS = {'xla': _xla_fwd, 'cols': _fwd_cols}
 _WEIGHT_GRADS = {'xla': _xla_dw, 'taps': _dw_taps, 'strips': _dw_strips}
 _INPUT_GRADS = {'xla': _xla_dx, 'taps': _dx_taps}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv(x, w, pads, dil, dx_mode, dw_mode):
-  del dx_mode, dw_mode
-  return _plain_conv(x, w, pads, dil)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, pads, dil, modes):
+  return _FORWARDS[modes[0]](x, w, pads, dil)
 
 
-def _conv_fwd(x, w, pads, dil, dx_mode, dw_mode):
-  del dx_mode, dw_mode
-  return _plain_conv(x, w, pads, dil), (x, w)
+def _conv_fwd(x, w, pads, dil, modes):
+  return _FORWARDS[modes[0]](x, w, pads, dil), (x, w)
 
 
-def _conv_bwd(pads, dil, dx_mode, dw_mode, res, g):
+def _conv_bwd(pads, dil, modes, res, g):
   x, w = res
-  dx = _INPUT_GRADS[dx_mode](x, w, g, pads, dil)
-  dw = _WEIGHT_GRADS[dw_mode](x, w, g, pads, dil)
+  dx = _INPUT_GRADS[modes[1]](x, w, g, pads, dil)
+  dw = _WEIGHT_GRADS[modes[2]](x, w, g, pads, dil)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -208,6 +233,16 @@ def _small_output(k_hw, out_hw) -> bool:
   60x slower than the forward); per-tap matmuls cost what the forward does."""
   taps = k_hw[0] * k_hw[1]
   return taps > 1 and out_hw[0] * out_hw[1] <= 4 * taps
+
+
+def _few_pixels(pixels, c_in, c_out) -> bool:
+  """Output pixels (batch included) few next to the channels: XLA:CPU's
+  input gradient transposes and flips the whole kernel first, which costs
+  more than the convolution itself there (PSPNet's 4096 -> 512 3x3 on
+  2x12x12: 194 ms, per-tap matmuls 96 ms). Measured: per-tap wins up to
+  ``pixels <= 2 * min(C_in, C_out)`` (2x19x19 at 512 channels: 21 -> 17
+  ms), ties at 2x24x24 x 256 and loses beyond."""
+  return pixels <= 2 * min(c_in, c_out)
 
 
 def _explicit_pads(padding, in_hw, k_hw, dil):
@@ -235,12 +270,11 @@ def _routable(lhs, rhs, window_strides, dimension_numbers=None,
           and precision is None and preferred_element_type is None)
 
 
-def _routed(lhs, rhs, padding, rhs_dilation, dx_mode, dw_mode):
+def _routed(lhs, rhs, padding, rhs_dilation, modes):
   dil = (1, 1) if rhs_dilation is None else tuple(int(d) for d in rhs_dilation)
   pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil)
   dtype = jnp.result_type(lhs, rhs)
-  return _conv(lhs.astype(dtype), rhs.astype(dtype), pads, dil, dx_mode,
-               dw_mode)
+  return _conv(lhs.astype(dtype), rhs.astype(dtype), pads, dil, modes)
 
 
 def fast_conv_general_dilated(lhs, rhs, window_strides, padding,
@@ -248,15 +282,17 @@ def fast_conv_general_dilated(lhs, rhs, window_strides, padding,
                               dimension_numbers=None, feature_group_count=1,
                               batch_group_count=1, precision=None,
                               preferred_element_type=None,
-                              weight_grad='taps', input_grad='auto'):
-  """Drop-in ``lax.conv_general_dilated`` with a chosen backward.
+                              weight_grad='taps', input_grad='auto',
+                              forward='xla'):
+  """Drop-in ``lax.conv_general_dilated`` with chosen formulations.
 
-  Stride-1, undilated-input, ungrouped NHWC/HWIO convolutions get XLA's
-  forward (the same values) and the custom VJP: ``weight_grad`` is
-  ``'taps'`` (one matmul per kernel tap), ``'strips'`` (cache-sized strips
-  of output rows, each a forward convolution) or ``'xla'``; ``input_grad``
-  is ``'taps'``, ``'xla'`` or ``'auto'`` (taps for a small output under a
-  large kernel, else XLA's). Every other call (and ``precision`` /
+  Stride-1, undilated-input, ungrouped NHWC/HWIO convolutions go through
+  the custom VJP: ``forward`` is ``'xla'`` (XLA's convolution) or
+  ``'cols'`` (one im2col matmul); ``weight_grad`` is ``'taps'`` (one matmul
+  per kernel tap), ``'strips'`` (cache-sized strips of output rows, each a
+  forward convolution) or ``'xla'``; ``input_grad`` is ``'taps'``,
+  ``'xla'`` or ``'auto'`` (taps for a small output under a large kernel,
+  else XLA's). Every other call (and ``precision`` /
   ``preferred_element_type`` requests) goes to ``lax.conv_general_dilated``
   unchanged. Output: ``[B, H', W', O]`` in the promoted input dtype.
   """
@@ -265,19 +301,21 @@ def fast_conv_general_dilated(lhs, rhs, window_strides, padding,
                 feature_group_count=feature_group_count,
                 batch_group_count=batch_group_count, precision=precision,
                 preferred_element_type=preferred_element_type)
-  if weight_grad not in _WEIGHT_GRADS:
-    raise ValueError(f'weight_grad must be one of {sorted(_WEIGHT_GRADS)}, '
-                     f'got {weight_grad!r}')
-  if input_grad not in (*_INPUT_GRADS, 'auto'):
-    raise ValueError(f"input_grad must be 'auto' or one of "
-                     f'{sorted(_INPUT_GRADS)}, got {input_grad!r}')
+  for name, value, table in (('forward', forward, _FORWARDS),
+                             ('weight_grad', weight_grad, _WEIGHT_GRADS),
+                             ('input_grad', input_grad,
+                              {**_INPUT_GRADS, 'auto': None})):
+    if value not in table:
+      raise ValueError(f'{name} must be one of {sorted(table)}, '
+                       f'got {value!r}')
   if not _routable(lhs, rhs, window_strides, **kwargs):
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding,
                                         **kwargs)
   if input_grad == 'auto':
     input_grad = 'taps' if _small_output(
         rhs.shape[:2], _out_hw(lhs, rhs, padding, rhs_dilation)) else 'xla'
-  return _routed(lhs, rhs, padding, rhs_dilation, input_grad, weight_grad)
+  return _routed(lhs, rhs, padding, rhs_dilation,
+                 (forward, input_grad, weight_grad))
 
 
 def _out_hw(lhs, rhs, padding, rhs_dilation):
@@ -288,26 +326,27 @@ def _out_hw(lhs, rhs, padding, rhs_dilation):
 
 
 def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
-  """``(input_grad, weight_grad)`` that :func:`auto_conv` uses on CPU for
-  this call, or ``None`` for XLA's plain convolution."""
+  """``(forward, input_grad, weight_grad)`` that :func:`auto_conv` uses on
+  CPU for this call, or ``None`` for XLA's plain convolution."""
   if not _routable(lhs, rhs, window_strides, **kwargs):
     return None
-  threshold = _SETTINGS['min_channels']
   out_hw = _out_hw(lhs, rhs, padding, kwargs.get('rhs_dilation'))
   small = _small_output(rhs.shape[:2], out_hw)
-  dx = 'taps' if small else 'xla'
+  few = _few_pixels(lhs.shape[0] * out_hw[0] * out_hw[1], lhs.shape[-1],
+                    rhs.shape[-1])
+  threshold = _SETTINGS['min_channels']
   if threshold is not None and min(lhs.shape[-1], rhs.shape[-1]) >= threshold:
-    return dx, 'taps'
+    return 'xla', 'taps' if small else 'xla', 'taps'
   if not _SETTINGS['enabled']:
     return None
-  if out_hw[0] * out_hw[1] >= _STRIP_MIN_PIXELS:
-    return dx, 'strips'
-  return (dx, 'xla') if small else None
+  modes = ('cols' if small else 'xla', 'taps' if small or few else 'xla',
+           'strips' if out_hw[0] * out_hw[1] >= _STRIP_MIN_PIXELS else 'xla')
+  return None if modes == ('xla',) * 3 else modes
 
 
 def auto_conv(lhs, rhs, window_strides, padding, **kwargs):
-  """What ``layers.conv`` uses: ``lax.conv_general_dilated`` whose backward,
-  when lowered for CPU, takes the routes of :func:`cpu_modes` (module
+  """What ``layers.conv`` uses: ``lax.conv_general_dilated`` that, when
+  lowered for CPU, takes the formulations of :func:`cpu_modes` (module
   docstring). Values and gradients equal XLA's up to summation order."""
   plain = functools.partial(jax.lax.conv_general_dilated,
                             window_strides=window_strides, padding=padding,
@@ -317,5 +356,5 @@ def auto_conv(lhs, rhs, window_strides, padding, **kwargs):
     return plain(lhs, rhs)
   fast = functools.partial(_routed, padding=padding,
                            rhs_dilation=kwargs.get('rhs_dilation'),
-                           dx_mode=modes[0], dw_mode=modes[1])
+                           modes=modes)
   return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=plain)
