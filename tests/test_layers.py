@@ -641,3 +641,43 @@ def test_conv_small_output_large_kernel_uses_tap_input_gradient():
     hlo = jax.jit(jax.grad(loss, 1)).lower(variables, x).as_text()
     assert ('convolution(' not in hlo.split('ENTRY')[-1]) == expect_taps or (
         hlo.count('convolution(') == 1) == expect_taps
+
+
+@pytest.mark.parametrize('x,w,padding,stride,expect', [
+    # FCN conv1_2: a large map -> strip weight gradient.
+    ((2, 294, 294, 64), (3, 3, 64, 64), ((1, 1), (1, 1)), 1,
+     ('xla', 'xla', 'strips')),
+    # FCN fc6: 7x7 VALID on 10x10 -> im2col forward, per-tap input grad.
+    ((2, 10, 10, 512), (7, 7, 512, 4096), 'VALID', 1, ('cols', 'taps', 'xla')),
+    # PSPNet's 4096 -> 512 on 12x12: few pixels -> per-tap input gradient.
+    ((2, 12, 12, 4096), (3, 3, 4096, 512), ((1, 1), (1, 1)), 1,
+     ('xla', 'taps', 'xla')),
+    # FCN upscore8's phase convolution: the output outgrows the input.
+    ((2, 21, 21, 21), (2, 2, 21, 1344), ((1, 1), (1, 1)), 1,
+     ('xla', 'xla', 'strips')),
+    # Mid-sized maps keep XLA's convolutions; strided ones too.
+    ((2, 24, 24, 128), (3, 3, 128, 128), ((1, 1), (1, 1)), 1, None),
+    ((2, 294, 294, 64), (3, 3, 64, 64), ((1, 1), (1, 1)), 2, None),
+])
+def test_cpu_modes_follow_the_measured_rules(x, w, padding, stride, expect):
+  lhs = jax.ShapeDtypeStruct(x, jnp.float32)
+  rhs = jax.ShapeDtypeStruct(w, jnp.float32)
+  kw = dict(lhs_dilation=(1, 1), rhs_dilation=(1, 1),
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            feature_group_count=1, precision=None)
+  assert cpu_conv.cpu_modes(lhs, rhs, (stride, stride), padding,
+                            **kw) == expect
+  try:
+    layers.set_cpu_conv_gradients(False)
+    assert cpu_conv.cpu_modes(lhs, rhs, (stride, stride), padding,
+                              **kw) is None
+  finally:
+    layers.set_cpu_conv_gradients(True)
+
+
+def test_cpu_modes_leave_symbolic_shapes_to_xla():
+  """jax.export with a polymorphic batch: no rule can compare sizes."""
+  lhs = jax.ShapeDtypeStruct(jax.export.symbolic_shape('b, 10, 10, 512'),
+                             jnp.float32)
+  rhs = jax.ShapeDtypeStruct((7, 7, 512, 4096), jnp.float32)
+  assert cpu_conv.cpu_modes(lhs, rhs, (1, 1), 'VALID') is None

@@ -11,7 +11,7 @@ convolutions except where measurements say XLA:CPU is slow
 (experiments/RESULTS.md, "Attempts"):
 
 * ``'strips'`` weight gradient (maps of at least ``_STRIP_MIN_PIXELS``
-  output pixels): the output rows are cut into strips of a few rows, and a
+  output pixels, or outputs larger than the input): the output rows are cut into strips of a few rows, and a
   ``fori_loop`` sums each strip's weight gradient, written out as a forward
   convolution in the layout XLA:CPU's convolution library takes. Each strip
   fits in the core's cache (2.7-3.3x faster for FCN's and U-Net's large
@@ -330,6 +330,8 @@ def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
   CPU for this call, or ``None`` for XLA's plain convolution."""
   if not _routable(lhs, rhs, window_strides, **kwargs):
     return None
+  if not all(isinstance(d, int) for d in (*lhs.shape, *rhs.shape)):
+    return None  # symbolic shapes (jax.export): the rules need numbers
   out_hw = _out_hw(lhs, rhs, padding, kwargs.get('rhs_dilation'))
   small = _small_output(rhs.shape[:2], out_hw)
   few = _few_pixels(lhs.shape[0] * out_hw[0] * out_hw[1], lhs.shape[-1],
@@ -339,8 +341,14 @@ def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
     return 'xla', 'taps' if small else 'xla', 'taps'
   if not _SETTINGS['enabled']:
     return None
+  # Padding beyond the kernel (the output outgrows the input: the phase
+  # convolution of `layers.conv_transpose`) sends XLA's weight gradient to
+  # its generic kernel too: FCN's upscore8, 2x2 kernel from 2x21x21 x 21 to
+  # 1344 channels, 110 ms; as one strip 3.7 ms.
+  grows = out_hw[0] > lhs.shape[1] or out_hw[1] > lhs.shape[2]
+  strips = grows or out_hw[0] * out_hw[1] >= _STRIP_MIN_PIXELS
   modes = ('cols' if small else 'xla', 'taps' if small or few else 'xla',
-           'strips' if out_hw[0] * out_hw[1] >= _STRIP_MIN_PIXELS else 'xla')
+           'strips' if strips else 'xla')
   return None if modes == ('xla',) * 3 else modes
 
 
