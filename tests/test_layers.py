@@ -675,9 +675,17 @@ def test_cpu_modes_follow_the_measured_rules(x, w, padding, stride, expect):
     layers.set_cpu_conv_gradients(True)
 
 
-def test_cpu_modes_leave_symbolic_shapes_to_xla():
-  """jax.export with a polymorphic batch: no rule can compare sizes."""
-  lhs = jax.ShapeDtypeStruct(jax.export.symbolic_shape('b, 10, 10, 512'),
-                             jnp.float32)
+def test_cpu_modes_with_symbolic_shapes():
+  """jax.export: a polymorphic batch keeps the forward's rule (the exported
+  program computes what the jitted model does); symbolic spatial sizes
+  leave the convolution to XLA."""
   rhs = jax.ShapeDtypeStruct((7, 7, 512, 4096), jnp.float32)
-  assert cpu_conv.cpu_modes(lhs, rhs, (1, 1), 'VALID') is None
+  batch = jax.ShapeDtypeStruct(jax.export.symbolic_shape('b, 10, 10, 512'),
+                               jnp.float32)
+  nhwc = {'dimension_numbers': ('NHWC', 'HWIO', 'NHWC')}
+  assert cpu_conv.cpu_modes(batch, rhs, (1, 1), 'VALID', **nhwc) == (
+      'cols', 'taps', 'xla')
+  spatial = jax.ShapeDtypeStruct(
+      jax.export.symbolic_shape('1, h, 10, 512', constraints=('h >= 7',)),
+      jnp.float32)
+  assert cpu_conv.cpu_modes(spatial, rhs, (1, 1), 'VALID', **nhwc) is None

@@ -12,8 +12,10 @@ sizes; on GPU also the allocator's peak). With ``--torch`` the PyTorch twin
 from ``torch_models.py`` runs in a worker process (this interpreter when it
 can import torch, else ``--torch_python``) and each timed JAX call is followed
 by a timed PyTorch call, so both see the same machine load; the table gives
-both medians and ``torch/jax`` (> 1: JAX is faster). ``--memory`` adds the
-remat x bfloat16 memory table, ``--scaling=1,2,4,8`` the step time on that
+both medians and ``torch/jax`` (> 1: JAX is faster) twice: the ratio of the
+medians, and the median of the paired per-call ratios (each PyTorch call
+over the JAX call just before it, which cancels a shared machine's drift).
+``--memory`` adds the remat x bfloat16 memory table, ``--scaling=1,2,4,8`` the step time on that
 many simulated CPU devices at a fixed per-device batch (subprocesses with
 ``--xla_force_host_platform_device_count``). ``--out=PREFIX`` writes
 ``PREFIX.json`` and ``PREFIX.md``.
@@ -256,10 +258,16 @@ def bench_one(name, k, hw, options, args, worker=None) -> dict:
         tt += worker.ask(op=mode, n=1)['times']
     rec[f'{mode}_ms'] = round(1e3 * statistics.median(jt), 2)
     rec[f'{mode}_img_s'] = round(b / statistics.median(jt), 2)
+    rec[f'{mode}_times_ms'] = [round(1e3 * t, 2) for t in jt]
     if tt:
       rec[f'torch_{mode}_ms'] = round(1e3 * statistics.median(tt), 2)
+      rec[f'torch_{mode}_times_ms'] = [round(1e3 * t, 2) for t in tt]
       rec[f'{mode}_torch_over_jax'] = round(
           statistics.median(tt) / statistics.median(jt), 2)
+      # Each torch call right after its JAX call: their ratio sees the same
+      # machine state, so its median resists the drift of a shared machine.
+      rec[f'{mode}_torch_over_jax_paired'] = round(statistics.median(
+          t / j for t, j in zip(tt, jt)), 2)
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     rec['device_peak_mib'] = round(stats['peak_bytes_in_use'] / 2**20, 1)
@@ -392,8 +400,8 @@ def markdown(env, speed, memory, scaling) -> str:
     lines += ['| network | input | batch | dtype | remat | params | GFLOPs/img '
               '| compile s | train img/s | infer img/s | temp MiB | torch '
               'train ms | jax train ms | torch/jax train | torch infer ms | '
-              'jax infer ms | torch/jax infer |',
-              '|' + '---|' * 17]
+              'jax infer ms | torch/jax infer | paired train | paired infer |',
+              '|' + '---|' * 19]
     for r in speed:
       g = lambda key: r.get(key, '-')  # noqa: E731
       lines.append(
@@ -402,7 +410,9 @@ def markdown(env, speed, memory, scaling) -> str:
           f"{r['compile_s']} | {r['train_img_s']} | {r['infer_img_s']} | "
           f"{g('temp_mib')} | {g('torch_train_ms')} | {r['train_ms']} | "
           f"{g('train_torch_over_jax')} | {g('torch_infer_ms')} | "
-          f"{r['infer_ms']} | {g('infer_torch_over_jax')} |")
+          f"{r['infer_ms']} | {g('infer_torch_over_jax')} | "
+          f"{g('train_torch_over_jax_paired')} | "
+          f"{g('infer_torch_over_jax_paired')} |")
     lines.append('')
   if memory:
     lines += ['| network | input | batch | dtype | remat | XLA temp MiB | '

@@ -132,6 +132,11 @@ def _dw_taps(x, w, g, pads, dil):
   return jnp.stack(taps).reshape(w.shape)
 
 
+def _static(n) -> int:
+  """``n`` itself, or 1 for a symbolic dimension."""
+  return n if isinstance(n, int) else 1
+
+
 def strip_rows(batch: int, out_w: int, out_c: int, itemsize: int,
                out_h: int) -> int:
   """Rows per strip of :func:`_dw_strips`: about ``_STRIP_BYTES`` of output
@@ -164,7 +169,7 @@ def _dw_strips(x, w, g, pads, dil):
   xp = _pad_input(x, pads)  # stride 1: oh + halo rows
   b, oh, ow, co = g.shape
   halo = dil[0] * (w.shape[0] - 1)
-  rows = strip_rows(b, ow, co, g.dtype.itemsize, oh)
+  rows = strip_rows(_static(b), ow, co, g.dtype.itemsize, oh)
   n, rest = divmod(oh, rows)
   if n == 1 and not rest:
     return _strip_dw(xp, g, dil).transpose(1, 2, 0, 3)
@@ -330,12 +335,15 @@ def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
   CPU for this call, or ``None`` for XLA's plain convolution."""
   if not _routable(lhs, rhs, window_strides, **kwargs):
     return None
-  if not all(isinstance(d, int) for d in (*lhs.shape, *rhs.shape)):
-    return None  # symbolic shapes (jax.export): the rules need numbers
+  if not all(isinstance(d, int) for d in (*lhs.shape[1:], *rhs.shape)):
+    return None  # symbolic sizes (jax.export): the rules need numbers
   out_hw = _out_hw(lhs, rhs, padding, kwargs.get('rhs_dilation'))
   small = _small_output(rhs.shape[:2], out_hw)
-  few = _few_pixels(lhs.shape[0] * out_hw[0] * out_hw[1], lhs.shape[-1],
-                    rhs.shape[-1])
+  # A symbolic batch (jax.export's polymorphic batch) counts as 1: the
+  # forward's rule does not depend on it, so an exported program computes
+  # what the jitted model does.
+  few = _few_pixels(_static(lhs.shape[0]) * out_hw[0] * out_hw[1],
+                    lhs.shape[-1], rhs.shape[-1])
   threshold = _SETTINGS['min_channels']
   if threshold is not None and min(lhs.shape[-1], rhs.shape[-1]) >= threshold:
     return 'xla', 'taps' if small else 'xla', 'taps'
