@@ -2,7 +2,8 @@
 
     import semseg_jax as sj
     model = sj.get_model('fcn8s', num_classes=21)
-    variables = model.init(jax.random.key(0), x, train=False)
+    variables = jax.jit(model.init, static_argnames='train')(
+        jax.random.key(0), x, train=False)  # eager init: a compile per shape
     sj.list_models()
 
 Importing the package neither touches the network nor imports TensorFlow; the

@@ -38,7 +38,9 @@ def test_get_model_rejects_unknown_names_and_options():
 def test_models_return_segmentation_output_at_input_resolution():
   model = sj.get_model('unet', num_classes=5, feature_scale=32)
   x = jnp.zeros((2, 48, 40, 3))
-  variables = model.init(jax.random.key(0), x, train=False)
+  # As the README has it: a jitted init.
+  variables = jax.jit(model.init, static_argnames='train')(
+      jax.random.key(0), x, train=False)
   out = model.apply(variables, x, train=False)
   assert isinstance(out, sj.SegmentationOutput)
   assert out.logits.shape == (2, 48, 40, 5) and out.aux == ()

@@ -82,8 +82,11 @@ def _free_port() -> int:
 
 def _spawn(workdir, out, devices: int, extra_env: dict[str, str], log,
            stop_after: int | None = None) -> subprocess.Popen:
+  # The cluster environment is the test's to set; the suite's compilation
+  # cache (tests/conftest.py) is kept.
   env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('JAX_', 'SLURM_', 'TPU_', 'CLOUD_TPU', 'MEGASCALE'))}
+         if k == 'JAX_COMPILATION_CACHE_DIR'
+         or not k.startswith(('JAX_', 'SLURM_', 'TPU_', 'CLOUD_TPU', 'MEGASCALE'))}
   env.update(PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo', **extra_env)

@@ -47,7 +47,8 @@ def _setup(name, options, size, remat):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, NUM_CLASSES, (2, size, size)), jnp.int32)
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = jax.jit(model.init, static_argnames='train')(
+      jax.random.key(0), x, train=False)
   return model, variables, x, y
 
 
@@ -91,7 +92,8 @@ def test_resnet_backbone_remat_same_grads():
   grads = []
   for remat in (False, True):
     net = ResNet(18, output_stride=8, width_mult=1 / 16, remat=remat)
-    v = net.init(jax.random.key(0), x, train=False)
+    v = jax.jit(net.init, static_argnames='train')(jax.random.key(0), x,
+                                                   train=False)
 
     def loss(p, net=net, v=v):
       feats, _ = net.apply({'params': p, 'batch_stats': v['batch_stats']}, x,
