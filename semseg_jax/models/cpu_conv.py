@@ -24,8 +24,9 @@ convolutions except where measurements say XLA:CPU is slow
   kernel, one matmul (fc6: 241 -> 65 ms).
 * ``'taps'`` weight gradient, opt-in (``set_fast_conv_threshold``).
 
-Convolutions of fewer than ``_MIN_MACS`` (4M) multiply-adds per image keep
-XLA's forms: nothing is gained there, and compile time is.
+The ``'cols'`` and ``'taps'`` rules skip convolutions of fewer than
+``_MIN_MACS`` (4M) multiply-adds per image: nothing is gained there, and
+compile time is.
 
 All of this applies only when the program is lowered for CPU
 (``lax.platform_dependent``); GPUs and TPUs run XLA's own convolutions.
@@ -54,9 +55,13 @@ _SETTINGS = {
 # weight gradient: from 48x48 up it won at every width measured (16-512
 # channels); at 37x37 x 512 channels XLA's own was 10% faster.
 _STRIP_MIN_PIXELS = 2048
-# Convolutions of fewer multiply-adds per image keep XLA's forms: they run in
-# well under a millisecond either way, and each routed one adds to the
-# compile time (ENet's 32x32 test step: 21 s routed, 15 s plain).
+# The small-output and few-pixel rules (im2col forward, per-tap input
+# gradient: one matmul per tap) skip convolutions of fewer multiply-adds per
+# image: those run in well under a millisecond either way, and each routed
+# one adds to the compile time (ENet's 32x32 test step: 21 s routed, 15 s
+# plain). The strip rule needs no floor: a strip loop compiles as one
+# convolution, and it wins on large maps even at 3 -> 16 channels (U-Net's
+# first conv, 2x96x96: 0.94 -> 0.30 ms).
 _MIN_MACS = 1 << 22
 # Bytes of output gradient per strip: ~256 KiB (a quarter of this CPU's
 # 1 MiB L2) was fastest between 96x96 and 294x294 maps.
@@ -357,9 +362,9 @@ def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
   if not _SETTINGS['enabled']:
     return None
   # Per image, so that a symbolic batch (export) and the jitted model agree.
-  macs = out_hw[0] * out_hw[1] * rhs.shape[0] * rhs.shape[1] * rhs.shape[2]
-  if macs * rhs.shape[3] < _MIN_MACS:
-    return None
+  tiny = (out_hw[0] * out_hw[1] * rhs.shape[0] * rhs.shape[1] * rhs.shape[2]
+          * rhs.shape[3] < _MIN_MACS)
+  small, few = small and not tiny, few and not tiny
   # Padding beyond the kernel (the output outgrows the input: the phase
   # convolution of `layers.conv_transpose`) sends XLA's weight gradient to
   # its generic kernel too: FCN's upscore8, 2x2 kernel from 2x21x21 x 21 to
