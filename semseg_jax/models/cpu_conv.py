@@ -39,6 +39,7 @@ convolutions everywhere.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -126,21 +127,22 @@ def _pad_input(x, pads):
                                (0, 0, 0)))
 
 
+def _tap_views(xp, k_hw, dil, out_hw):
+  """The padded input as each kernel tap (u, v) sees it, row-major: the
+  ``[B, H', W', C]`` window shifted by ``(u * dh, v * dw)``."""
+  return [jax.lax.slice(
+      xp, (0, u * dil[0], v * dil[1], 0),
+      (xp.shape[0], u * dil[0] + out_hw[0], v * dil[1] + out_hw[1],
+       xp.shape[3]))
+          for u in range(k_hw[0]) for v in range(k_hw[1])]
+
+
 def _dw_taps(x, w, g, pads, dil):
-  """The weight gradient as one matmul per kernel tap: tap (u, v) sees the
-  padded input shifted by (u * dh, v * dw), so
+  """The weight gradient as one matmul per kernel tap:
   ``dW[u, v] = sum_{b,i,j} x_pad[b, i + u*dh, j + v*dw, :]^T g[b, i, j, :]``."""
-  kh, kw = w.shape[:2]
-  oh, ow = g.shape[1:3]
-  xp = _pad_input(x, pads)
-  taps = []
-  for u in range(kh):
-    for v in range(kw):
-      patch = jax.lax.slice(
-          xp, (0, u * dil[0], v * dil[1], 0),
-          (xp.shape[0], u * dil[0] + oh, v * dil[1] + ow, xp.shape[3]))
-      taps.append(jnp.einsum('bhwi,bhwo->io', patch, g,
-                             preferred_element_type=jnp.float32))
+  views = _tap_views(_pad_input(x, pads), w.shape[:2], dil, g.shape[1:3])
+  taps = [jnp.einsum('bhwi,bhwo->io', view, g,
+                     preferred_element_type=jnp.float32) for view in views]
   return jnp.stack(taps).reshape(w.shape)
 
 
@@ -208,19 +210,13 @@ def _fwd_cols(x, w, pads, dil):
   b = x.shape[0]
   oh = xp.shape[1] - dil[0] * (kh - 1)
   ow = xp.shape[2] - dil[1] * (kw - 1)
-  cols = jnp.concatenate([
-      xp[:, u * dil[0]:u * dil[0] + oh, v * dil[1]:v * dil[1] + ow]
-      for u in range(kh) for v in range(kw)], axis=-1)
+  cols = jnp.concatenate(_tap_views(xp, (kh, kw), dil, (oh, ow)), axis=-1)
   y = jnp.dot(cols.reshape(b * oh * ow, kh * kw * ci), w.reshape(-1, co),
               preferred_element_type=jnp.float32)
   return y.reshape(b, oh, ow, co).astype(jnp.result_type(x, w))
 
 
-def _xla_fwd(x, w, pads, dil):
-  return _plain_conv(x, w, pads, dil)
-
-
-_FORWARDS = {'xla': _xla_fwd, 'cols': _fwd_cols}
+_FORWARDS = {'xla': _plain_conv, 'cols': _fwd_cols}
 _WEIGHT_GRADS = {'xla': _xla_dw, 'taps': _dw_taps, 'strips': _dw_strips}
 _INPUT_GRADS = {'xla': _xla_dx, 'taps': _dx_taps}
 
@@ -351,20 +347,18 @@ def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
     return None  # symbolic sizes (jax.export): the rules need numbers
   out_hw = _out_hw(lhs, rhs, padding, kwargs.get('rhs_dilation'))
   small = _small_output(rhs.shape[:2], out_hw)
-  # A symbolic batch (jax.export's polymorphic batch) counts as 1: the
-  # forward's rule does not depend on it, so an exported program computes
-  # what the jitted model does.
-  few = _few_pixels(_static(lhs.shape[0]) * out_hw[0] * out_hw[1],
-                    lhs.shape[-1], rhs.shape[-1])
   threshold = _SETTINGS['min_channels']
   if threshold is not None and min(lhs.shape[-1], rhs.shape[-1]) >= threshold:
     return 'xla', 'taps' if small else 'xla', 'taps'
   if not _SETTINGS['enabled']:
     return None
-  # Per image, so that a symbolic batch (export) and the jitted model agree.
-  tiny = (out_hw[0] * out_hw[1] * rhs.shape[0] * rhs.shape[1] * rhs.shape[2]
-          * rhs.shape[3] < _MIN_MACS)
-  small, few = small and not tiny, few and not tiny
+  # Multiply-adds per image, so that a symbolic batch (export) and the
+  # jitted model agree; a symbolic batch counts as 1 below for the same
+  # reason (the forward's rule does not depend on it).
+  tiny = out_hw[0] * out_hw[1] * math.prod(rhs.shape) < _MIN_MACS
+  small = small and not tiny
+  few = not tiny and _few_pixels(_static(lhs.shape[0]) * out_hw[0] * out_hw[1],
+                                 lhs.shape[-1], rhs.shape[-1])
   # Padding beyond the kernel (the output outgrows the input: the phase
   # convolution of `layers.conv_transpose`) sends XLA's weight gradient to
   # its generic kernel too: FCN's upscore8, 2x2 kernel from 2x21x21 x 21 to
