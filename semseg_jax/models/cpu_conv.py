@@ -12,8 +12,9 @@ convolutions except where measurements say XLA:CPU is slow
 
 * ``'strips'`` weight gradient (maps of at least ``_STRIP_MIN_PIXELS``
   output pixels, or outputs larger than the input): the output rows are
-  cut into strips of a few rows, and a ``fori_loop`` sums each strip's weight gradient, written out as a forward
-  convolution in the layout XLA:CPU's convolution library takes. Each strip
+  cut into strips of a few rows, and a ``fori_loop`` sums each strip's
+  weight gradient, written out as a forward convolution in the layout
+  XLA:CPU's convolution library takes. Each strip
   fits in the core's cache (2.7-3.3x faster for FCN's and U-Net's large
   maps, 3-4x for narrow layers).
 * ``'taps'`` input gradient (a large kernel on a small output map, FCN's
