@@ -473,12 +473,12 @@ _CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize('weight_grad,forward', [('taps', 'xla'),
-                                                 ('strips', 'cols')])
+@pytest.mark.parametrize('weight_grad,forward,input_grad', [
+    ('taps', 'xla', 'taps'), ('strips', 'cols', 'auto')])
 @pytest.mark.parametrize('k,padding,dil,stride', _CONV_CASES)
 def test_fast_conv_matches_lax_values_and_grads(k, padding, dil, stride,
                                                 weight_grad, forward,
-                                                monkeypatch):
+                                                input_grad, monkeypatch):
   # 2 output rows' worth of bytes per strip: several strips and a remainder.
   monkeypatch.setattr(cpu_conv, '_STRIP_BYTES', 2 * 9 * 6 * 4 * 2)
   rng = _rng(7)
@@ -487,7 +487,7 @@ def test_fast_conv_matches_lax_values_and_grads(k, padding, dil, stride,
   ref = _conv_loss(jax.lax.conv_general_dilated, padding, dil, stride)
   fast = _conv_loss(functools.partial(layers.fast_conv_general_dilated,
                                       weight_grad=weight_grad,
-                                      forward=forward),
+                                      forward=forward, input_grad=input_grad),
                     padding, dil, stride)
   np.testing.assert_allclose(fast(x, w), ref(x, w), rtol=1e-5)
   (gx, gw), (rx, rw) = (jax.jit(jax.grad(f, (0, 1)))(x, w)
@@ -515,6 +515,34 @@ def test_fast_conv_rejects_unknown_modes():
     layers.fast_conv_general_dilated(x, w, (1, 1), 'SAME', input_grad='fft')
   with pytest.raises(ValueError, match='forward'):
     layers.fast_conv_general_dilated(x, w, (1, 1), 'SAME', forward='fft')
+
+
+@pytest.mark.parametrize('x,w,expect', [
+    # PSPNet's shape, narrower: few pixels next to the channels.
+    ((2, 8, 8, 256), (3, 3, 256, 256), 0),
+    # A 7x7 kernel on a 4x4 output (FCN's fc6, narrower).
+    ((1, 10, 10, 128), (7, 7, 128, 128), 0),
+    # Roomy maps, and convolutions under the 4M multiply-add floor.
+    ((2, 32, 32, 32), (3, 3, 32, 32), 1),
+    ((2, 4, 4, 16), (3, 3, 16, 16), 1),
+])
+def test_fast_conv_auto_input_grad_is_auto_convs_rule(x, w, expect):
+  """input_grad='auto' of the explicit API decides as auto_conv does on CPU:
+  per-tap matmuls (no convolution in the input gradient) exactly when
+  cpu_modes picks them."""
+  lhs, rhs = jnp.ones(x, jnp.float32), jnp.ones(w, jnp.float32)
+  pads = ((1, 1), (1, 1)) if w[0] == 3 else 'VALID'
+  modes = cpu_conv.cpu_modes(lhs, rhs, (1, 1), pads,
+                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  assert (modes is not None and modes[1] == 'taps') == (expect == 0)
+
+  def loss(lhs):
+    return jnp.sum(layers.fast_conv_general_dilated(
+        lhs, rhs, (1, 1), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        weight_grad='xla', input_grad='auto'))
+
+  hlo = jax.jit(jax.grad(loss)).lower(lhs).compile().as_text()
+  assert hlo.count('convolution(') == expect
 
 
 def test_strip_rows_fills_the_strip_budget():

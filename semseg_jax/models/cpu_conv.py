@@ -117,8 +117,9 @@ def _dx_taps(x, w, g, pads, dil):
       r, c = u * dil[0], v * dil[1]
       tap = jnp.pad(tap, ((0, 0), (r, hp - r - oh), (c, wp - c - ow), (0, 0)))
       dxp = tap if dxp is None else dxp + tap
-  return dxp[:, pads[0][0]:pads[0][0] + x.shape[1],
-             pads[1][0]:pads[1][0] + x.shape[2]]
+  # Back to the input's frame: drop the padding, and give the rows and
+  # columns that a negative pad cropped away a zero gradient.
+  return _pad_input(dxp, tuple((-lo, -hi) for lo, hi in pads))
 
 
 def _pad_input(x, pads):
@@ -305,7 +306,8 @@ def fast_conv_general_dilated(lhs, rhs, window_strides, padding,
   ``'cols'`` (one im2col matmul); ``weight_grad`` is ``'taps'`` (one matmul
   per kernel tap), ``'strips'`` (cache-sized strips of output rows, each a
   forward convolution) or ``'xla'``; ``input_grad`` is ``'taps'``,
-  ``'xla'`` or ``'auto'`` (taps for a small output under a large kernel,
+  ``'xla'`` or ``'auto'`` (the rule :func:`auto_conv` uses: taps for a
+  small output under a large kernel or for few pixels next to the channels,
   else XLA's). Every other call (and ``precision`` /
   ``preferred_element_type`` requests) goes to ``lax.conv_general_dilated``
   unchanged. Output: ``[B, H', W', O]`` in the promoted input dtype.
@@ -326,8 +328,8 @@ def fast_conv_general_dilated(lhs, rhs, window_strides, padding,
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding,
                                         **kwargs)
   if input_grad == 'auto':
-    input_grad = 'taps' if _small_output(
-        rhs.shape[:2], _out_hw(lhs, rhs, padding, rhs_dilation)) else 'xla'
+    small, few = _matmul_rules(lhs, rhs, padding, rhs_dilation)
+    input_grad = 'taps' if small or few else 'xla'
   return _routed(lhs, rhs, padding, rhs_dilation,
                  (forward, input_grad, weight_grad))
 
@@ -339,6 +341,22 @@ def _out_hw(lhs, rhs, padding, rhs_dilation):
   return [lhs.shape[1 + i] + sum(pads[i]) - k_eff[i] + 1 for i in (0, 1)]
 
 
+def _matmul_rules(lhs, rhs, padding, rhs_dilation):
+  """``(small, few)``: whether the small-output and few-pixel rules (im2col
+  forward, per-tap input gradient) apply; neither applies to a convolution
+  under ``_MIN_MACS`` multiply-adds per image. Multiply-adds are counted per
+  image, and a symbolic batch counts as 1, so that a symbolic batch (export)
+  and the jitted model pick the same forward."""
+  if not all(isinstance(d, int) for d in (*lhs.shape[1:], *rhs.shape)):
+    return False, False  # symbolic sizes (jax.export): XLA's
+  out_hw = _out_hw(lhs, rhs, padding, rhs_dilation)
+  if out_hw[0] * out_hw[1] * math.prod(rhs.shape) < _MIN_MACS:
+    return False, False
+  return (_small_output(rhs.shape[:2], out_hw),
+          _few_pixels(_static(lhs.shape[0]) * out_hw[0] * out_hw[1],
+                      lhs.shape[-1], rhs.shape[-1]))
+
+
 def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
   """``(forward, input_grad, weight_grad)`` that :func:`auto_conv` uses on
   CPU for this call, or ``None`` for XLA's plain convolution."""
@@ -346,20 +364,15 @@ def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
     return None
   if not all(isinstance(d, int) for d in (*lhs.shape[1:], *rhs.shape)):
     return None  # symbolic sizes (jax.export): the rules need numbers
-  out_hw = _out_hw(lhs, rhs, padding, kwargs.get('rhs_dilation'))
-  small = _small_output(rhs.shape[:2], out_hw)
+  rhs_dilation = kwargs.get('rhs_dilation')
   threshold = _SETTINGS['min_channels']
   if threshold is not None and min(lhs.shape[-1], rhs.shape[-1]) >= threshold:
-    return 'xla', 'taps' if small else 'xla', 'taps'
+    small, few = _matmul_rules(lhs, rhs, padding, rhs_dilation)
+    return 'xla', 'taps' if small or few else 'xla', 'taps'
   if not _SETTINGS['enabled']:
     return None
-  # Multiply-adds per image, so that a symbolic batch (export) and the
-  # jitted model agree; a symbolic batch counts as 1 below for the same
-  # reason (the forward's rule does not depend on it).
-  tiny = out_hw[0] * out_hw[1] * math.prod(rhs.shape) < _MIN_MACS
-  small = small and not tiny
-  few = not tiny and _few_pixels(_static(lhs.shape[0]) * out_hw[0] * out_hw[1],
-                                 lhs.shape[-1], rhs.shape[-1])
+  small, few = _matmul_rules(lhs, rhs, padding, rhs_dilation)
+  out_hw = _out_hw(lhs, rhs, padding, rhs_dilation)
   # Padding beyond the kernel (the output outgrows the input: the phase
   # convolution of `layers.conv_transpose`) sends XLA's weight gradient to
   # its generic kernel too: FCN's upscore8, 2x2 kernel from 2x21x21 x 21 to
