@@ -103,19 +103,25 @@ def _xla_dw(x, w, g, pads, dil):
 
 
 def _dx_taps(x, w, g, pads, dil):
-  """Input gradient as one matmul per tap, scattered back by padding:
-  ``dx_pad[:, i + u*dh, j + v*dw] += g[:, i, j] @ w[u, v]^T``."""
-  kh, kw = w.shape[:2]
-  oh, ow = g.shape[1:3]
+  """Input gradient as matmuls per tap, scattered back by padding:
+  ``dx_pad[:, i + u*dh, j + v*dw] += g[:, i, j] @ w[u, v]^T``. All taps are
+  one matmul, ``g [B*H'*W', O]`` times the kernel as ``[kh*kw*I, O]`` (a
+  free reshape of HWIO, so no slice or transposed copy of the kernel),
+  whose ``[.., kh, kw, I]`` result the shifted sum reads in place."""
+  kh, kw, c_in, c_out = w.shape
+  b, oh, ow = g.shape[:3]
   hp = x.shape[1] + pads[0][0] + pads[0][1]
   wp = x.shape[2] + pads[1][0] + pads[1][1]
+  taps = jax.lax.dot_general(
+      g.reshape(b * oh * ow, c_out), w.reshape(kh * kw * c_in, c_out),
+      (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  taps = taps.reshape(b, oh, ow, kh, kw, c_in)
   dxp = None
   for u in range(kh):
     for v in range(kw):
-      tap = jnp.einsum('bhwo,io->bhwi', g, w[u, v],
-                       preferred_element_type=jnp.float32)
       r, c = u * dil[0], v * dil[1]
-      tap = jnp.pad(tap, ((0, 0), (r, hp - r - oh), (c, wp - c - ow), (0, 0)))
+      tap = jnp.pad(taps[:, :, :, u, v],
+                    ((0, 0), (r, hp - r - oh), (c, wp - c - ow), (0, 0)))
       dxp = tap if dxp is None else dxp + tap
   # Back to the input's frame: drop the padding, and give the rows and
   # columns that a negative pad cropped away a zero gradient.
