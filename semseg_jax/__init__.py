@@ -22,6 +22,7 @@ _LAZY = {
     'SegmentationOutput': ('semseg_jax.models.output', 'SegmentationOutput'),
     'load_config': ('semseg_jax.config', 'load_config'),
     'predict': ('semseg_jax.inference', 'predict'),
+    'tune_cpu_malloc': ('semseg_jax.cpu_malloc', 'tune_cpu_malloc'),
 }
 
 __all__ = sorted(_LAZY)

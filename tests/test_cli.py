@@ -1,6 +1,7 @@
 """`python -m semseg_jax.main` end to end: train, eval, predict, and its one-line errors."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -46,6 +47,9 @@ def test_train_then_eval_then_predict(tmp_path):
   out = run_main('--config=configs/quickstart.py', f'--workdir={workdir}', *TINY)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'Mean IoU' in out.stdout and 'background' in out.stdout
+  # The CLI tunes glibc's malloc before JAX starts (tests/test_cpu_malloc.py).
+  glibc = sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'
+  assert f'glibc malloc tuned for XLA:CPU: {glibc}' in out.stderr
   assert (workdir / 'metrics.jsonl').exists() and (workdir / 'final_eval.json').exists()
 
   # eval: config from the workdir, the table with class names, JSON + Markdown reports.

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from semseg_jax import cpu_malloc
 from semseg_jax import models as models_lib
 from semseg_jax.models import layers
 
@@ -179,10 +180,12 @@ def gflops_of(compiled) -> float:
 class TorchWorker:
   """A PyTorch timing process speaking JSON lines (torch_models._worker)."""
 
-  def __init__(self, python: str, threads: int = 0):
+  def __init__(self, python: str, threads: int = 0, tune_malloc=False):
     env = dict(os.environ)
     if threads:
       env['OMP_NUM_THREADS'] = str(threads)
+    if tune_malloc:  # the same glibc settings as this process
+      env['SEMSEG_BENCH_MALLOC'] = os.path.abspath(cpu_malloc.__file__)
     self.proc = subprocess.Popen(
         [python, os.path.join(HERE, 'torch_models.py')], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, cwd=HERE, env=env)
@@ -242,6 +245,7 @@ def bench_one(name, k, hw, options, args, worker=None) -> dict:
     info = worker.ask(op='setup', model=name, num_classes=k, options=options,
                       batch=b, size=list(hw), dtype=args.dtype)
     rec['torch_device'], rec['torch'] = info['device'], info['torch']
+    rec['torch_malloc'] = info.get('malloc')
   for mode, fn in (('train', jax_train), ('infer', jax_infer)):
     timed(fn, args.warmup)
     use_torch = worker is not None
@@ -348,7 +352,8 @@ def run_scaling(args) -> list[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), '--_scaling_worker',
            f'--models={args.models}', f'--sizes={args.sizes}',
            f'--batch={args.batch}', f'--repeats={args.repeats}',
-           f'--warmup={args.warmup}', f'--dtype={args.dtype}']
+           f'--warmup={args.warmup}', f'--dtype={args.dtype}',
+           f'--malloc={args.malloc}']
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [l for l in res.stdout.splitlines() if l.startswith('SCALING ')]
     if res.returncode or not lines:
@@ -394,7 +399,8 @@ def environment() -> dict:
 def markdown(env, speed, memory, scaling) -> str:
   lines = [f"{env['date']}, jax {env['jax']} on {env['backend']} "
            f"({env['device']}, {env['cpu_count']} CPUs, running on {env['cpu_affinity']}), XLA_FLAGS="
-           f"`{env['xla_flags']}`, load average {env['loadavg_start']} -> "
+           f"`{env['xla_flags']}`, malloc {env.get('malloc', 'default')}, "
+           f"load average {env['loadavg_start']} -> "
            f"{env.get('loadavg_end')}", '']
   if speed:
     lines += ['| network | input | batch | dtype | remat | params | GFLOPs/img '
@@ -458,6 +464,10 @@ def main(argv=None):
                  'convolutions using every core). 1 is the fair choice on a '
                  "loaded machine: OpenMP's barriers collapse when cores are "
                  'oversubscribed')
+  p.add_argument('--malloc', default='tuned', choices=('tuned', 'default'),
+                 help="glibc malloc for both frameworks' processes: 'tuned' "
+                 '(semseg_jax.cpu_malloc, what python -m semseg_jax.main '
+                 "uses) or glibc's defaults")
   p.add_argument('--out', default='')
   p.add_argument('--_scaling_worker', action='store_true',
                  help=argparse.SUPPRESS)
@@ -470,6 +480,9 @@ def main(argv=None):
         os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen='
         f'{str(args.threads > 1).lower()} intra_op_parallelism_threads='
         f'{args.threads}')
+  # Before the first JAX operation, like XLA_FLAGS (cpu_malloc docstring).
+  args.malloc_tuned = (args.malloc == 'tuned'
+                       and cpu_malloc.tune_cpu_malloc(strict=True))
   if args.fast_conv is not None:
     layers.set_fast_conv_threshold(args.fast_conv)
   if args._scaling_worker:  # pylint: disable=protected-access
@@ -484,6 +497,7 @@ def main(argv=None):
       raise SystemExit(f'--models: unknown network {name!r}; have '
                        f'{sorted(models_lib.list_models())}')
   env = environment()
+  env['malloc'] = 'tuned' if args.malloc_tuned else 'default'
   print(json.dumps(env), flush=True)
 
   worker = None
@@ -492,7 +506,7 @@ def main(argv=None):
     if py is None:
       print('torch not importable: PyTorch ratios skipped', flush=True)
     else:
-      worker = TorchWorker(py, args.threads)
+      worker = TorchWorker(py, args.threads, args.malloc_tuned)
   speed, memory = [], []
   try:
     for name in names:

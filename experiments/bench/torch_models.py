@@ -11,7 +11,21 @@ anything. Importing this module requires torch.
 """
 from __future__ import annotations
 
-import torch
+import os
+
+if __name__ == '__main__' and os.environ.get('SEMSEG_BENCH_MALLOC'):
+  # bench.py --malloc=tuned: semseg_jax.cpu_malloc's glibc settings, applied
+  # before torch starts, as bench.py applies them before JAX starts.
+  import importlib.util
+  _spec = importlib.util.spec_from_file_location(
+      'cpu_malloc', os.environ['SEMSEG_BENCH_MALLOC'])
+  _malloc = importlib.util.module_from_spec(_spec)
+  _spec.loader.exec_module(_malloc)
+  _MALLOC_TUNED = _malloc.tune_cpu_malloc()
+else:
+  _MALLOC_TUNED = False
+
+import torch  # pylint: disable=wrong-import-position
 from torch import nn
 import torch.nn.functional as F
 
@@ -264,7 +278,9 @@ def _worker():  # pragma: no cover - driven by bench.py
       state = dict(model=model, x=x, y=y, opt=opt, dev=dev, amp=amp)
       print(json.dumps({'ok': True, 'device': str(dev),
                         'torch': torch.__version__,
-                        'threads': torch.get_num_threads()}), flush=True)
+                        'threads': torch.get_num_threads(),
+                        'malloc': 'tuned' if _MALLOC_TUNED else 'default'}),
+            flush=True)
       continue
     s = state
     model, x, y, dev = s['model'], s['x'], s['y'], s['dev']
