@@ -1,7 +1,7 @@
 """glibc malloc settings that keep XLA:CPU's step buffers mapped.
 
 XLA:CPU gives every execution of a compiled program one fresh temporary
-buffer (all of the program's intermediates: 237 MiB for SegNet's train step
+buffer (all of the program's intermediates: 138 MiB for SegNet's train step
 at 2x96x96) and frees it when the step ends. glibc serves a request that
 large with ``mmap`` and returns it with ``munmap``, so every step touches
 fresh pages again: SegNet's step took 35,450 minor page faults (138 MiB of
@@ -23,12 +23,18 @@ settings.
 The settings must be made before JAX starts its CPU backend: XLA's worker
 threads bind to a malloc arena when they are created, and a thread bound to
 another arena keeps mapping fresh pages (measured: no change when set after
-``jax.devices()``). ``python -m semseg_jax.main`` and the benchmarks call it
-first thing; a script of your own calls it before its first JAX operation.
+``jax.devices()``). ``python -m semseg_jax.main`` calls it first thing when
+JAX will run on the CPU (:func:`cpu_backend_expected`: on a GPU or TPU host
+the step's buffers live on the device, and one arena would only serialise
+the host's data-loading threads); the benchmarks call it on both sides. A
+script of your own calls it before its first JAX operation.
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
+import os
 import platform
 import sys
 
@@ -55,6 +61,21 @@ def _backends_started() -> bool:
     return bool(xla_bridge.backends_are_initialized())
   except (ImportError, AttributeError):
     return False  # an unknown jax: cannot tell, assume in time
+
+
+def cpu_backend_expected() -> bool:
+  """Whether JAX will compute on the CPU, judged without starting it: the
+  first of ``JAX_PLATFORMS`` (or ``jax_platforms``) when set, else whether
+  no accelerator plugin is installed (``libtpu``, or a ``jax_plugins`` entry
+  point such as the CUDA and ROCm plugins)."""
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  if not platforms and 'jax' in sys.modules:
+    platforms = sys.modules['jax'].config.jax_platforms or ''
+  if platforms.strip():
+    return platforms.split(',')[0].strip().lower() == 'cpu'
+  if importlib.util.find_spec('libtpu') is not None:
+    return False
+  return not list(importlib.metadata.entry_points(group='jax_plugins'))
 
 
 def tune_cpu_malloc(strict: bool = False) -> bool:

@@ -45,8 +45,9 @@ flags.DEFINE_string('export_size', None,
 flags.DEFINE_enum('export_output', 'logits', list(export.OUTPUTS),
                   'export: normalised float32 image -> logits, or uint8 image -> uint8 labels.')
 flags.DEFINE_bool('tune_cpu_malloc', True,
-                  "glibc: keep XLA:CPU's per-step buffers mapped between steps instead of "
-                  'page-faulting them in afresh (semseg_jax/cpu_malloc.py).')
+                  "glibc, when JAX runs on the CPU: keep XLA:CPU's per-step buffers mapped "
+                  'between steps instead of page-faulting them in afresh '
+                  '(semseg_jax/cpu_malloc.py).')
 
 # Errors that are the user's to fix: reported in one line, without a traceback.
 # A non-finite loss (FloatingPointError) names its step; the last good checkpoint stays.
@@ -112,7 +113,8 @@ def run(mode: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if FLAGS.tune_cpu_malloc:  # before JAX starts its backends (its docstring)
+  if FLAGS.tune_cpu_malloc and cpu_malloc.cpu_backend_expected():
+    # Before JAX starts its backends (cpu_malloc's docstring).
     logging.info('glibc malloc tuned for XLA:CPU: %s', cpu_malloc.tune_cpu_malloc())
   sharding.initialize_distributed()
   logging.info('process %d of %d, devices: %s', jax.process_index(), jax.process_count(),

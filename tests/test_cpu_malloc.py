@@ -78,3 +78,22 @@ def test_off_glibc_it_is_a_no_op(monkeypatch):
   monkeypatch.setattr(cpu_malloc.platform, 'libc_ver', lambda: ('', ''))
   monkeypatch.setattr(cpu_malloc, '_backends_started', lambda: False)
   assert cpu_malloc.tune_cpu_malloc() is False
+
+
+@pytest.mark.parametrize('env,plugins,libtpu,expect', [
+    ('', [], False, True),           # a CPU-only install
+    ('', ['cuda'], False, False),    # a GPU plugin: JAX will pick the GPU
+    ('', [], True, False),           # a TPU host
+    ('cpu', ['cuda'], False, True),  # forced onto the CPU
+    ('cuda,cpu', [], False, False),
+])
+def test_cpu_backend_expected(env, plugins, libtpu, expect, monkeypatch):
+  from semseg_jax import cpu_malloc
+  monkeypatch.setenv('JAX_PLATFORMS', env)
+  monkeypatch.setattr(cpu_malloc.importlib.metadata, 'entry_points',
+                      lambda group: plugins if group == 'jax_plugins' else [])
+  real_find_spec = cpu_malloc.importlib.util.find_spec
+  monkeypatch.setattr(cpu_malloc.importlib.util, 'find_spec',
+                      lambda name: (object() if libtpu else None) if name == 'libtpu'
+                      else real_find_spec(name))
+  assert cpu_malloc.cpu_backend_expected() is expect
