@@ -62,8 +62,9 @@ def test_tuned_malloc_stops_per_step_page_faults():
   tuned = _run('before')
   assert tuned['tuned'] is True
   # Reused, but a few calls still fault while glibc's heap settles around the buffer
-  # (measured: 0-8 of 30), so the bound is on the average over 40 calls.
-  assert tuned['faults'] < 0.4 * pages, (tuned, plain)
+  # (measured: 0-8 of 30; averages over 40 calls up to 0.2 of the pages), so the bound is
+  # on the average over 40 calls.
+  assert tuned['faults'] < 0.5 * pages, (tuned, plain)
 
 
 @pytest.mark.skipif(not GLIBC, reason='glibc malloc only (no-op elsewhere)')
