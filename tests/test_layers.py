@@ -727,3 +727,44 @@ def test_cpu_modes_with_symbolic_shapes():
       jax.export.symbolic_shape('1, h, 10, 512', constraints=('h >= 7',)),
       jnp.float32)
   assert cpu_conv.cpu_modes(spatial, rhs, (1, 1), 'VALID', **nhwc) is None
+
+
+@pytest.mark.parametrize('stride,padding,hw,dtype', [
+    (1, 'VALID', 9, jnp.float32), (1, 'SAME', 8, jnp.float32),
+    (2, ((0, 0), (0, 0)), 9, jnp.float32), (2, 'SAME', 8, jnp.float32),
+    (1, 'VALID', 6, jnp.bfloat16)])
+def test_pointwise_convs_are_matmuls_on_cpu(stride, padding, hw, dtype):
+  """1x1 convolutions: on CPU the forward and both gradients are dot products
+  (no convolution in the HLO) and equal XLA's convolution; padded ones, and
+  all of them with the CPU routes off, stay convolutions."""
+  rng = _rng(17)
+  x = jnp.asarray(rng.normal(size=(2, hw, hw, 24)), dtype)
+  w = jnp.asarray(rng.normal(size=(1, 1, 24, 40)), dtype)
+  nhwc = ('NHWC', 'HWIO', 'NHWC')
+
+  def loss(conv):
+    def f(x, w):
+      y = conv(x, w, (stride, stride), padding, dimension_numbers=nhwc)
+      return jnp.sum(y.astype(jnp.float32) * jnp.cos(
+          jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape)))
+    return f
+
+  assert cpu_conv.pointwise(x, w, (stride, stride), padding, dimension_numbers=nhwc)
+  fast, ref = loss(cpu_conv.auto_conv), loss(jax.lax.conv_general_dilated)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  (vf, gf), (vr, gr) = (jax.jit(jax.value_and_grad(f, (0, 1)))(x, w) for f in (fast, ref))
+  np.testing.assert_allclose(vf, vr, rtol=tol)
+  for a, b in zip(gf, gr):
+    assert a.dtype == b.dtype == dtype
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+  hlo = jax.jit(jax.value_and_grad(fast, (0, 1))).lower(x, w).compile().as_text()
+  assert 'convolution(' not in hlo and 'dot(' in hlo
+  assert not cpu_conv.pointwise(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=nhwc)
+  try:
+    layers.set_cpu_conv_gradients(False)
+    assert not cpu_conv.pointwise(x, w, (stride, stride), padding, dimension_numbers=nhwc)
+    hlo = jax.jit(jax.value_and_grad(fast, (0, 1))).lower(x, w).compile().as_text()
+    assert 'convolution(' in hlo
+  finally:
+    layers.set_cpu_conv_gradients(True)

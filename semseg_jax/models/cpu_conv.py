@@ -390,13 +390,51 @@ def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
   return None if modes == ('xla',) * 3 else modes
 
 
+def pointwise(lhs, rhs, window_strides, padding, dimension_numbers=None,
+              lhs_dilation=None, feature_group_count=1, batch_group_count=1,
+              precision=None, preferred_element_type=None, **_) -> bool:
+  """Whether :func:`auto_conv` computes this call on CPU as a matmul: a 1x1
+  NHWC/HWIO kernel without padding, input dilation, groups or precision
+  requests, at any stride (the input is subsampled first)."""
+  if (not _SETTINGS['enabled'] or lhs.ndim != 4
+      or tuple(rhs.shape[:2]) != (1, 1)):
+    return False
+  if not isinstance(padding, str) and any(
+      int(p) != 0 for pair in padding for p in pair):
+    return False  # 'VALID' and 'SAME' pad a 1x1 kernel by nothing
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  dn = (dimension_numbers if dimension_numbers is None or isinstance(
+      dimension_numbers, jax.lax.ConvDimensionNumbers) else
+        jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                       dimension_numbers))
+  return (dn == nhwc
+          and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+          and feature_group_count == 1 and batch_group_count == 1
+          and precision is None and preferred_element_type is None)
+
+
+def _pointwise_conv(x, w, strides):
+  """A 1x1 convolution as ``x [B, H, W, I] @ w [I, O]``; its gradients are
+  matmuls too (XLA:CPU's weight gradient of a 1x1 convolution is a
+  convolution with transposed operands, 3-4x slower: attempt 28)."""
+  if tuple(strides) != (1, 1):
+    x = x[:, ::strides[0], ::strides[1]]
+  dtype = jnp.result_type(x, w)
+  return jax.lax.dot_general(x.astype(dtype), w[0, 0].astype(dtype),
+                             (((3,), (0,)), ((), ())))
+
+
 def auto_conv(lhs, rhs, window_strides, padding, **kwargs):
   """What ``layers.conv`` uses: ``lax.conv_general_dilated`` that, when
-  lowered for CPU, takes the formulations of :func:`cpu_modes` (module
+  lowered for CPU, computes 1x1 convolutions as matmuls (:func:`pointwise`)
+  and takes the formulations of :func:`cpu_modes` for the rest (module
   docstring). Values and gradients equal XLA's up to summation order."""
   plain = functools.partial(jax.lax.conv_general_dilated,
                             window_strides=window_strides, padding=padding,
                             **kwargs)
+  if pointwise(lhs, rhs, window_strides, padding, **kwargs):
+    fast = functools.partial(_pointwise_conv, strides=tuple(window_strides))
+    return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=plain)
   modes = cpu_modes(lhs, rhs, window_strides, padding, **kwargs)
   if modes is None:
     return plain(lhs, rhs)
