@@ -72,8 +72,13 @@ def test_stablehlo_reloaded_matches_jit_for_any_batch(network, tmp_path):
                              mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0),
                              class_names=[f'c{i}' for i in range(K)])
   run = export.load_stablehlo(str(tmp_path / 'model.stablehlo'))
-  for n in (3, 1):  # One artifact, two batch sizes.
-    np.testing.assert_allclose(np.asarray(run(x[:n])), ref[:n], atol=1e-5, rtol=0)
+  # One artifact, two batch sizes, each against the jitted model at that batch, within
+  # 1e-5 of the logits' scale: on CPU a 1x1 convolution is a matmul over B*H*W rows, and
+  # its float rounding (~3e-7 relative) depends on the batch, and at batch 1 on whether the
+  # batch was symbolic (PSPNet's pyramid pooling).
+  ref1 = np.asarray(jax.jit(export.inference_fn(model, variables))(x[:1]))
+  for got, want in ((run(x), ref), (run(x[:1]), ref1)):
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * np.abs(want).max(), rtol=0)
   assert set(run.exported.platforms) >= {'cpu', 'cuda', 'tpu'}
   on_disk = json.loads((tmp_path / 'model.stablehlo.json').read_text())
   assert on_disk == meta

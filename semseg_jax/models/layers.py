@@ -149,9 +149,9 @@ def conv(features: int,
   which XLA lowers to ``rhs_dilation`` (atrous convolution): output size is
   ``floor((H + 2p - d * (k - 1) - 1) / s) + 1`` as in PyTorch.
   Parameters stay float32; ``dtype`` is the computation dtype. Gradients go
-  through :func:`cpu_conv.auto_conv` (on CPU, strip-wise weight gradients
-  and per-tap input gradients where XLA:CPU's backward convolutions are
-  slow; same parameters and values).
+  through :func:`cpu_conv.auto_conv` (on CPU: 1x1 convolutions as matmuls,
+  strip-wise weight gradients and per-tap input gradients where XLA:CPU's
+  backward convolutions are slow; same parameters and values).
   """
   fast = ({} if 'conv_general_dilated' in kwargs else
           {'conv_general_dilated': cpu_conv.auto_conv})
