@@ -277,11 +277,11 @@ def _explicit_pads(padding, in_hw, k_hw, dil):
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def _routable(lhs, rhs, window_strides, dimension_numbers=None,
-              lhs_dilation=None, feature_group_count=1, batch_group_count=1,
-              precision=None, preferred_element_type=None, **_):
-  """Whether the custom rules cover this call: stride 1, 4-D NHWC/HWIO, no
-  input dilation, groups or precision requests."""
+def _plain_nhwc(lhs, rhs, dimension_numbers=None, lhs_dilation=None,
+                feature_group_count=1, batch_group_count=1, precision=None,
+                preferred_element_type=None, **_):
+  """4-D NHWC/HWIO, no input dilation, groups or precision requests: what
+  every formulation here assumes."""
   if lhs.ndim != 4:
     return False
   nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
@@ -289,10 +289,16 @@ def _routable(lhs, rhs, window_strides, dimension_numbers=None,
       dimension_numbers, jax.lax.ConvDimensionNumbers) else
         jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
                                        dimension_numbers))
-  return (dn == nhwc and tuple(window_strides) == (1, 1)
+  return (dn == nhwc
           and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
           and feature_group_count == 1 and batch_group_count == 1
           and precision is None and preferred_element_type is None)
+
+
+def _routable(lhs, rhs, window_strides, **kwargs):
+  """Whether the custom VJP rules cover this call: stride 1 and
+  :func:`_plain_nhwc`."""
+  return tuple(window_strides) == (1, 1) and _plain_nhwc(lhs, rhs, **kwargs)
 
 
 def _routed(lhs, rhs, padding, rhs_dilation, modes):
@@ -394,27 +400,17 @@ def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
   return None if modes == ('xla',) * 3 else modes
 
 
-def pointwise(lhs, rhs, window_strides, padding, dimension_numbers=None,
-              lhs_dilation=None, feature_group_count=1, batch_group_count=1,
-              precision=None, preferred_element_type=None, **_) -> bool:
+def pointwise(lhs, rhs, window_strides, padding, **kwargs) -> bool:
   """Whether :func:`auto_conv` computes this call on CPU as a matmul: a 1x1
-  NHWC/HWIO kernel without padding, input dilation, groups or precision
-  requests, at any stride (the input is subsampled first)."""
-  if (not _SETTINGS['enabled'] or lhs.ndim != 4
-      or tuple(rhs.shape[:2]) != (1, 1)):
+  kernel without padding, at any stride (the input is subsampled first),
+  and :func:`_plain_nhwc`."""
+  del window_strides  # any
+  if not _SETTINGS['enabled'] or tuple(rhs.shape[:2]) != (1, 1):
     return False
   if not isinstance(padding, str) and any(
       int(p) != 0 for pair in padding for p in pair):
     return False  # 'VALID' and 'SAME' pad a 1x1 kernel by nothing
-  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-  dn = (dimension_numbers if dimension_numbers is None or isinstance(
-      dimension_numbers, jax.lax.ConvDimensionNumbers) else
-        jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                       dimension_numbers))
-  return (dn == nhwc
-          and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
-          and feature_group_count == 1 and batch_group_count == 1
-          and precision is None and preferred_element_type is None)
+  return _plain_nhwc(lhs, rhs, **kwargs)
 
 
 def _pointwise_conv(x, w, strides):
