@@ -372,13 +372,16 @@ def _window_views(x: Array, k, s, out) -> list[Array]:
   ]
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _max_of_views(x: Array, k, s, out) -> Array:
-  views = _window_views(x, k, s, out)
+def _views_max(views: list[Array]) -> Array:
   y = views[0]
   for v in views[1:]:
     y = jnp.maximum(y, v)
   return y
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _max_of_views(x: Array, k, s, out) -> Array:
+  return _views_max(_window_views(x, k, s, out))
 
 
 @_max_of_views.defjvp
@@ -422,10 +425,16 @@ def max_pool(x: Array, window: IntOrPair = 2, stride: IntOrPair | None = None,
   if any(p) or any(hi):
     x = jnp.pad(x, ((0, 0), (p[0], hi[0]), (p[1], hi[1]), (0, 0)),
                 constant_values=jnp.array(-jnp.inf, x.dtype))
+  return _pool_padded(x, k, s, out)
+
+
+def _pool_padded(xp: Array, k, s, out) -> Array:
+  """Window maxima of the padded ``xp``: directly for up to 2x2 windows,
+  else along W and then along H."""
   if k[0] * k[1] <= 4:
-    return _max_of_views(x, k, s, out)
-  x = _max_of_views(x, (1, k[1]), (1, s[1]), (x.shape[1], out[1]))
-  return _max_of_views(x, (k[0], 1), (s[0], 1), out)
+    return _max_of_views(xp, k, s, out)
+  xw = _max_of_views(xp, (1, k[1]), (1, s[1]), (xp.shape[1], out[1]))
+  return _max_of_views(xw, (k[0], 1), (s[0], 1), out)
 
 
 def max_pool_with_argmax(x: Array, window: IntOrPair = 2,
@@ -444,7 +453,8 @@ def max_pool_with_argmax(x: Array, window: IntOrPair = 2,
     int32 ``[B, h, w, C]`` the flat position ``row * W + col`` of each
     maximum in the unpadded ``H x W`` plane, as torch returns it. Ties go to
     the first element in row-major window order (torch's rule); NaN wins.
-    Gradients flow to the selected element only.
+    Gradients flow to the selected element only. Windows larger than 2x2
+    are searched separably, like :func:`max_pool`'s values.
   """
   stride = window if stride is None else stride
   h_in, w_in = x.shape[1:3]
@@ -453,20 +463,32 @@ def max_pool_with_argmax(x: Array, window: IntOrPair = 2,
   neg = jnp.array(-jnp.inf, x.dtype)
   xp = jnp.pad(x, ((0, 0), (p[0], hi[0]), (p[1], hi[1]), (0, 0)),
                constant_values=neg)
-  # Values and gradient as max_pool's; the indices come from the argmax over
-  # the window offsets (row-major [k*k, B, h, w, C]; the first maximum wins).
-  y = _max_of_views(xp, k, s, out)
-  arg = jnp.argmax(jnp.stack(_window_views(xp, k, s, out)), axis=0)
-  # Flat input index of each window offset, per output position (numpy).
-  rows = (np.arange(out[0]) * s[0] - p[0])[:, None, None]
-  cols = (np.arange(out[1]) * s[1] - p[1])[None, :, None]
-  dys = np.repeat(np.arange(k[0]), k[1])[None, None, :]
-  dxs = np.tile(np.arange(k[1]), k[0])[None, None, :]
-  flat = ((rows + dys) * w_in + (cols + dxs)).astype(np.int32)  # [h, w, k*k]
-  indices = jnp.take_along_axis(
-      jnp.asarray(flat)[None, :, :, None, :],
-      arg[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return y, indices
+  # Values and gradient as max_pool's.
+  y = _pool_padded(xp, k, s, out)
+  # The window offset (dy, dx) of each first maximum, from argmaxes over
+  # window views (jnp.argmax: the first maximum, or the first NaN).
+  xs = jax.lax.stop_gradient(xp)
+  first = lambda views: jnp.argmax(jnp.stack(views), axis=0).astype(jnp.int32)
+  if k[0] * k[1] <= 4:
+    arg = first(_window_views(xs, k, s, out))
+    dy, dx = arg // k[1], arg % k[1]
+  else:
+    # Separably, as the values (k0 + k1 views, not k0 * k1: FRRN's 16x16
+    # windows): the first column holding each row's maximum, then the first
+    # row holding the window's maximum, and that row's column; the first
+    # maximum (or NaN) in row-major order again.
+    wk, ws, wout = (1, k[1]), (1, s[1]), (xs.shape[1], out[1])
+    views = _window_views(xs, wk, ws, wout)
+    col, rows_max = first(views), _views_max(views)
+    hk, hs = (k[0], 1), (s[0], 1)
+    dy = first(_window_views(rows_max, hk, hs, out))
+    dx = jnp.zeros_like(dy)
+    for r, c in enumerate(_window_views(col, hk, hs, out)):
+      dx = jnp.where(dy == r, c, dx)
+  # Flat position row * W + col in the unpadded plane.
+  top = (jnp.arange(out[0], dtype=jnp.int32) * s[0] - p[0])[:, None, None]
+  left = (jnp.arange(out[1], dtype=jnp.int32) * s[1] - p[1])[None, :, None]
+  return y, (top + dy) * w_in + left + dx
 
 
 def max_unpool(y: Array, indices: Array, output_hw: Sequence[int]) -> Array:
