@@ -346,7 +346,7 @@ def test_max_pool_with_argmax_nan_wins_like_torch(k):
 
 def test_max_pool_with_argmax_of_large_windows_stays_small():
   # A 16x16 window is searched along W, then H: 32 views, not 256 and an
-  # argmax over a 256-deep stack (118 equations against 264 before; value,
+  # argmax over a 256-deep stack (104 equations against 264 before; value,
   # gradient and indices of a 2x128x128x8 map compiled in 63 s, now ~1 s).
   x = jnp.zeros((1, 32, 32, 2))
   n_eqns = len(jax.make_jaxpr(

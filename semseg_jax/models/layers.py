@@ -372,16 +372,13 @@ def _window_views(x: Array, k, s, out) -> list[Array]:
   ]
 
 
-def _views_max(views: list[Array]) -> Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _max_of_views(x: Array, k, s, out) -> Array:
+  views = _window_views(x, k, s, out)
   y = views[0]
   for v in views[1:]:
     y = jnp.maximum(y, v)
   return y
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _max_of_views(x: Array, k, s, out) -> Array:
-  return _views_max(_window_views(x, k, s, out))
 
 
 @_max_of_views.defjvp
@@ -425,16 +422,16 @@ def max_pool(x: Array, window: IntOrPair = 2, stride: IntOrPair | None = None,
   if any(p) or any(hi):
     x = jnp.pad(x, ((0, 0), (p[0], hi[0]), (p[1], hi[1]), (0, 0)),
                 constant_values=jnp.array(-jnp.inf, x.dtype))
-  return _pool_padded(x, k, s, out)
+  return _pool_padded(x, k, s, out)[0]
 
 
-def _pool_padded(xp: Array, k, s, out) -> Array:
-  """Window maxima of the padded ``xp``: directly for up to 2x2 windows,
-  else along W and then along H."""
+def _pool_padded(xp: Array, k, s, out) -> tuple[Array, Array | None]:
+  """Window maxima of the padded ``xp``: directly for up to 2x2 windows
+  (``(y, None)``), else along W and then along H (``(y, rows' maxima)``)."""
   if k[0] * k[1] <= 4:
-    return _max_of_views(xp, k, s, out)
+    return _max_of_views(xp, k, s, out), None
   xw = _max_of_views(xp, (1, k[1]), (1, s[1]), (xp.shape[1], out[1]))
-  return _max_of_views(xw, (k[0], 1), (s[0], 1), out)
+  return _max_of_views(xw, (k[0], 1), (s[0], 1), out), xw
 
 
 def max_pool_with_argmax(x: Array, window: IntOrPair = 2,
@@ -464,12 +461,12 @@ def max_pool_with_argmax(x: Array, window: IntOrPair = 2,
   xp = jnp.pad(x, ((0, 0), (p[0], hi[0]), (p[1], hi[1]), (0, 0)),
                constant_values=neg)
   # Values and gradient as max_pool's.
-  y = _pool_padded(xp, k, s, out)
+  y, rows_max = _pool_padded(xp, k, s, out)
   # The window offset (dy, dx) of each first maximum, from argmaxes over
   # window views (jnp.argmax: the first maximum, or the first NaN).
   xs = jax.lax.stop_gradient(xp)
   first = lambda views: jnp.argmax(jnp.stack(views), axis=0).astype(jnp.int32)
-  if k[0] * k[1] <= 4:
+  if rows_max is None:
     arg = first(_window_views(xs, k, s, out))
     dy, dx = arg // k[1], arg % k[1]
   else:
@@ -477,11 +474,10 @@ def max_pool_with_argmax(x: Array, window: IntOrPair = 2,
     # windows): the first column holding each row's maximum, then the first
     # row holding the window's maximum, and that row's column; the first
     # maximum (or NaN) in row-major order again.
-    wk, ws, wout = (1, k[1]), (1, s[1]), (xs.shape[1], out[1])
-    views = _window_views(xs, wk, ws, wout)
-    col, rows_max = first(views), _views_max(views)
+    col = first(_window_views(xs, (1, k[1]), (1, s[1]),
+                              (xs.shape[1], out[1])))
     hk, hs = (k[0], 1), (s[0], 1)
-    dy = first(_window_views(rows_max, hk, hs, out))
+    dy = first(_window_views(jax.lax.stop_gradient(rows_max), hk, hs, out))
     dx = jnp.zeros_like(dy)
     for r, c in enumerate(_window_views(col, hk, hs, out)):
       dx = jnp.where(dy == r, c, dx)
