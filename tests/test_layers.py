@@ -533,6 +533,52 @@ def test_fast_conv_matches_lax_values_and_grads(k, padding, dil, stride,
     assert ('while' in hlo) == (stride == (1, 1) and full > 1), (oh, full)
 
 
+@pytest.mark.parametrize('kh,h_pads,dtype', [
+    (3, (1, 1), jnp.float32), (3, (0, 2), jnp.float32),
+    (3, (-1, 2), jnp.float32),  # a negative pad crops
+    (1, (0, 0), jnp.float32), (5, (2, 2), jnp.float32),
+    (3, (1, 1), jnp.bfloat16)])
+def test_pairs_match_lax_values_and_grads(kh, h_pads, dtype):
+  """The 'pairs' forward (columns in pairs as channels) gives XLA's values
+  and gradients, and really convolves the paired view: 2C channels over
+  W/2 + 1 columns of the padded input."""
+  rng = _rng(17)
+  x = jnp.asarray(rng.normal(size=(2, 7, 10, 5)), dtype)
+  w = jnp.asarray(rng.normal(size=(kh, 3, 5, 6)), dtype)
+  padding = (h_pads, (1, 1))
+  ref = _conv_loss(jax.lax.conv_general_dilated, padding, (1, 1))
+  fast = _conv_loss(functools.partial(layers.fast_conv_general_dilated,
+                                      weight_grad='strips', forward='pairs',
+                                      input_grad='xla'), padding, (1, 1))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  ry, rg = jax.value_and_grad(ref, (0, 1))(x, w)
+  fy, fg = jax.value_and_grad(fast, (0, 1))(x, w)
+  np.testing.assert_allclose(float(fy), float(ry), rtol=tol)
+  for got, want in zip(fg, rg):
+    want = np.asarray(want, np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol,
+                               atol=tol * np.abs(want).max())
+  paired = f'[2,{7 + sum(h_pads)},6,10]'
+  assert paired in str(jax.make_jaxpr(fast)(x, w)), paired
+
+
+def test_pairs_reject_what_they_cannot_compute():
+  conv = functools.partial(layers.fast_conv_general_dilated,
+                           window_strides=(1, 1),
+                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  x, w = jnp.zeros((1, 4, 5, 2)), jnp.zeros((3, 3, 2, 2))
+  with pytest.raises(ValueError, match="'pairs' needs .* even width"):
+    conv(x, w, padding='SAME', forward='pairs')
+  x = jnp.zeros((1, 4, 6, 2))
+  with pytest.raises(ValueError, match="'pairs' needs"):
+    conv(x, w, padding='VALID', forward='pairs')
+  with pytest.raises(ValueError, match="'pairs' needs"):
+    conv(x, w, padding='SAME', forward='pairs', rhs_dilation=(2, 2))
+  with pytest.raises(ValueError, match="'pairs' needs"):
+    conv(x, jnp.zeros((3, 5, 2, 2)), padding='SAME', forward='pairs')
+  assert conv(x, w, padding='SAME', forward='pairs').shape == (1, 4, 6, 2)
+
+
 def test_fast_conv_rejects_unknown_modes():
   x, w = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
   with pytest.raises(ValueError, match='weight_grad'):
@@ -621,7 +667,9 @@ def test_large_maps_get_strip_weight_gradients_on_cpu():
 
 def test_fast_conv_threshold_routes_conv_modules():
   rng = _rng(3)
-  x = jnp.asarray(rng.normal(size=(1, 8, 8, 4)), jnp.float32)
+  # An odd width: auto_conv's own rules leave this conv to XLA ('pairs'
+  # needs an even one).
+  x = jnp.asarray(rng.normal(size=(1, 8, 9, 4)), jnp.float32)
   module = layers.conv(4, 3, padding=1)
   variables = module.init(jax.random.key(0), x)
 
@@ -634,8 +682,8 @@ def test_fast_conv_threshold_routes_conv_modules():
   try:
     layers.set_fast_conv_threshold(4)
     fast = run()
-    layers.set_fast_conv_threshold(5)  # narrower than the threshold
-    assert 'custom_vjp' not in run()[0]
+    layers.set_fast_conv_threshold(5)  # narrower: auto_conv's own rules
+    assert run()[0] == plain[0]
   finally:
     layers.set_fast_conv_threshold(None)
   assert 'custom_vjp' in fast[0] and 'custom_vjp' not in plain[0]
@@ -718,7 +766,17 @@ def test_conv_small_output_large_kernel_uses_tap_input_gradient(
     # and input gradient; large maps get strips whatever their widths.
     ((4, 4, 4, 128), (3, 3, 128, 128), ((1, 1), (1, 1)), 1, None),
     ((2, 48, 48, 4), (3, 3, 4, 8), ((1, 1), (1, 1)), 1,
-     ('xla', 'xla', 'strips')),
+     ('xla', 'xla', 'strips')),  # under the pairs' 1M floor
+    # Narrow 3x3 layers (XLA's generic kernel): columns in pairs, from an
+    # image at any size, from 16 channels on maps up to _PAIR_MAX_PIXELS;
+    # not on an odd width, nor where XLA's library already takes it.
+    ((8, 96, 96, 3), (3, 3, 3, 16), ((1, 1), (1, 1)), 1,
+     ('pairs', 'xla', 'strips')),
+    ((2, 96, 96, 16), (3, 3, 16, 16), 'SAME', 1, ('pairs', 'xla', 'strips')),
+    ((2, 128, 128, 16), (3, 3, 16, 16), 'SAME', 1, ('xla', 'xla', 'strips')),
+    ((2, 96, 95, 16), (3, 3, 16, 16), 'SAME', 1, ('xla', 'xla', 'strips')),
+    ((2, 96, 96, 32), (3, 3, 32, 16), 'SAME', 1, ('xla', 'xla', 'strips')),
+    ((2, 32, 32, 16), (3, 3, 16, 16), 'VALID', 1, None),
     # Mid-sized maps keep XLA's convolutions; strided ones too.
     ((2, 24, 24, 128), (3, 3, 128, 128), ((1, 1), (1, 1)), 1, None),
     ((2, 294, 294, 64), (3, 3, 64, 64), ((1, 1), (1, 1)), 2, None),
