@@ -412,6 +412,11 @@ def _out_hw(lhs, rhs, padding, rhs_dilation):
   return [lhs.shape[1 + i] + sum(pads[i]) - k_eff[i] + 1 for i in (0, 1)]
 
 
+def _macs_per_image(out_hw, rhs) -> int:
+  """Multiply-adds of one image's convolution: output pixels x kernel."""
+  return out_hw[0] * out_hw[1] * math.prod(rhs.shape)
+
+
 def _matmul_rules(lhs, rhs, padding, rhs_dilation):
   """``(small, few)``: whether the small-output and few-pixel rules (im2col
   forward, per-tap input gradient) apply; neither applies to a convolution
@@ -421,7 +426,7 @@ def _matmul_rules(lhs, rhs, padding, rhs_dilation):
   if not all(isinstance(d, int) for d in (*lhs.shape[1:], *rhs.shape)):
     return False, False  # symbolic sizes (jax.export): XLA's
   out_hw = _out_hw(lhs, rhs, padding, rhs_dilation)
-  if out_hw[0] * out_hw[1] * math.prod(rhs.shape) < _MIN_MACS:
+  if _macs_per_image(out_hw, rhs) < _MIN_MACS:
     return False, False
   return (_small_output(rhs.shape[:2], out_hw),
           _few_pixels(_static(lhs.shape[0]) * out_hw[0] * out_hw[1],
@@ -439,18 +444,18 @@ def _pairs_fit(lhs, rhs, padding, rhs_dilation) -> bool:
   return _explicit_pads(padding, (h, w), rhs.shape[:2], dil)[1] == (1, 1)
 
 
-def _pairs_win(lhs, rhs) -> bool:
+def _pairs_win(lhs, rhs, out_hw) -> bool:
   """Where the paired-column forward beats XLA:CPU's convolution (one core,
   attempt 36): at most 16 channels in and out (XLA's generic kernel),
   from at most 4 input channels (an image: 3 -> 16 on 2x96x96 0.74 -> 0.21
-  ms, 8x96x96 3.06 -> 0.85) or on maps of at most ``_PAIR_MAX_PIXELS``
-  (batch included; a symbolic batch counts as 1); and at least
-  ``_PAIR_MIN_MACS`` multiply-adds per image (static sizes)."""
-  kh, kw, c_in, c_out = rhs.shape
-  h, w = lhs.shape[1:3]
-  if max(c_in, c_out) > 16 or h * w * kh * kw * c_in * c_out < _PAIR_MIN_MACS:
+  ms, 8x96x96 3.06 -> 0.85) or on output maps of at most
+  ``_PAIR_MAX_PIXELS`` (batch included; a symbolic batch counts as 1); and
+  at least ``_PAIR_MIN_MACS`` multiply-adds per image (static sizes)."""
+  c_in, c_out = rhs.shape[2:]
+  if max(c_in, c_out) > 16 or _macs_per_image(out_hw, rhs) < _PAIR_MIN_MACS:
     return False
-  return c_in <= 4 or _static(lhs.shape[0]) * h * w <= _PAIR_MAX_PIXELS
+  pixels = _static(lhs.shape[0]) * out_hw[0] * out_hw[1]
+  return c_in <= 4 or pixels <= _PAIR_MAX_PIXELS
 
 
 def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
@@ -476,7 +481,7 @@ def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
   grows = out_hw[0] > lhs.shape[1] or out_hw[1] > lhs.shape[2]
   strips = grows or out_hw[0] * out_hw[1] >= _STRIP_MIN_PIXELS
   pairs = (_pairs_fit(lhs, rhs, padding, rhs_dilation)
-           and _pairs_win(lhs, rhs))
+           and _pairs_win(lhs, rhs, out_hw))
   modes = ('cols' if small else 'pairs' if pairs else 'xla',
            'taps' if small or few else 'xla',
            'strips' if strips else 'xla')
