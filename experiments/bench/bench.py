@@ -400,6 +400,7 @@ def markdown(env, speed, memory, scaling) -> str:
   lines = [f"{env['date']}, jax {env['jax']} on {env['backend']} "
            f"({env['device']}, {env['cpu_count']} CPUs, running on {env['cpu_affinity']}), XLA_FLAGS="
            f"`{env['xla_flags']}`, malloc {env.get('malloc', 'default')}, "
+           f"{'plain gradients, ' if env.get('plain_gradients') else ''}"
            f"load average {env['loadavg_start']} -> "
            f"{env.get('loadavg_end')}", '']
   if speed:
@@ -455,6 +456,12 @@ def main(argv=None):
                  help='memory table: float32/bfloat16 x remat off/on')
   p.add_argument('--no_speed', action='store_true')
   p.add_argument('--scaling', default='', help='e.g. 1,2,4,8 (CPU devices)')
+  p.add_argument('--plain_gradients', action='store_true',
+                 help="JAX's own convolution gradients everywhere "
+                 '(layers.set_cpu_conv_gradients(False)): no CPU '
+                 'formulations, and on GPU/TPU the transposed convolutions '
+                 "take JAX's kernel gradient instead of the backward-filter "
+                 'one (the A/B of attempt 38)')
   p.add_argument('--fast_conv', type=int, default=None,
                  help='layers.set_fast_conv_threshold (matmul weight grads)')
   p.add_argument('--threads', type=int, default=0,
@@ -485,6 +492,8 @@ def main(argv=None):
                        and cpu_malloc.tune_cpu_malloc(strict=True))
   if args.fast_conv is not None:
     layers.set_fast_conv_threshold(args.fast_conv)
+  if args.plain_gradients:
+    layers.set_cpu_conv_gradients(False)
   if args._scaling_worker:  # pylint: disable=protected-access
     return scaling_worker(args)
 
@@ -498,6 +507,7 @@ def main(argv=None):
                        f'{sorted(models_lib.list_models())}')
   env = environment()
   env['malloc'] = 'tuned' if args.malloc_tuned else 'default'
+  env['plain_gradients'] = args.plain_gradients
   print(json.dumps(env), flush=True)
 
   worker = None
