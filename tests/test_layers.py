@@ -205,6 +205,75 @@ def test_conv_transpose_phases_equal_dilated_input_form(k, s, p, op):
     assert 'lhs_dilate' not in hlo
 
 
+@pytest.mark.parametrize('k,s,p,op,dtype', [
+    (2, 2, 0, 0, 'float32'), (4, 2, 1, 0, 'float32'),
+    (3, 2, 1, 1, 'float32'), (16, 8, 0, 0, 'float32'),
+    ((3, 4), (2, 3), (1, 0), (1, 2), 'float32'), (2, 2, 3, 0, 'float32'),
+    (4, 2, 0, 0, 'bfloat16'),
+])
+def test_conv_transpose_native_gradient_equals_autodiff(k, s, p, op, dtype):
+  # GPU/TPU form: the dilated-input forward with the strided convolution's
+  # backward-filter as its kernel gradient. Same values and gradients as
+  # JAX's own autodiff of the dilated-input form.
+  pair = lambda v: (v, v) if isinstance(v, int) else v
+  kp, sp, pp, opp = map(pair, (k, s, p, op))
+  r = _rng(13)
+  dt = jnp.dtype(dtype)
+  x = jnp.asarray(r.standard_normal((2, 5, 6, 3)), dt)
+  w = jnp.asarray(r.standard_normal((*kp, 3, 4)), dt)
+  dilated = lambda x, w: layers._conv_transpose_lhs_dilated(
+      x, w, sp, pp, opp, (1, 1))
+  native = lambda x, w: layers._conv_transpose_native(x, w, sp, pp, opp)
+  ref, vjp_ref = jax.vjp(dilated, x, w)
+  got, vjp_got = jax.vjp(native, x, w)
+  assert got.shape == ref.shape and got.dtype == ref.dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(ref, np.float32))
+  cot = jnp.asarray(r.standard_normal(ref.shape), dt)
+  tol = 1e-5 if dtype == 'float32' else 2e-2
+  for a, b in zip(vjp_got(cot), vjp_ref(cot)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    b = np.asarray(b, np.float32)
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol,
+                               atol=tol * np.abs(b).max())
+
+
+def _exported_convs(fn, *args, platform):
+  """The stablehlo.convolution lines of ``fn`` lowered for ``platform``."""
+  from jax import export  # pylint: disable=import-outside-toplevel
+  text = export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+  return [l for l in text.splitlines() if 'stablehlo.convolution' in l]
+
+
+@pytest.mark.parametrize('platform', ['cuda', 'tpu'])
+def test_conv_transpose_kernel_gradient_is_backward_filter_off_cpu(platform):
+  # Lowered for a GPU/TPU (no device needed), ConvTranspose's kernel
+  # gradient is the strided convolution's weight gradient (window dilation
+  # = stride: cuDNN's backward filter), not a convolution over the
+  # zero-inserted input (input dilation) as JAX's own rule gives; with
+  # set_cpu_conv_gradients(False) it is JAX's rule again.
+  mod = layers.ConvTranspose(4, 4, 2, padding=1)
+  x = jnp.asarray(_rng(14).standard_normal((2, 5, 6, 3)), jnp.float32)
+  v = mod.init(jax.random.key(0), x)
+  grads = lambda: jax.grad(lambda v, x: jnp.sum(mod.apply(v, x) ** 2),
+                          (0, 1))  # a new function: traced afresh
+  convs = _exported_convs(grads(), v, x, platform=platform)
+  # Forward (input-dilated), input gradient (strided), kernel gradient.
+  assert len(convs) == 3
+  assert sum('lhs_dilate' in c for c in convs) == 1
+  assert sum('rhs_dilate = [2, 2]' in c for c in convs) == 1
+  try:
+    layers.set_cpu_conv_gradients(False)
+    convs = _exported_convs(grads(), v, x, platform=platform)
+    assert sum('lhs_dilate' in c for c in convs) == 2
+    # Without the custom rule, forward-mode autodiff works.
+    tangent = jax.tree.map(jnp.ones_like, v)
+    _, jvp = jax.jvp(lambda v: mod.apply(v, x), (v,), (tangent,))
+    assert jvp.shape == (2, 10, 12, 4)
+  finally:
+    layers.set_cpu_conv_gradients(True)
+
+
 def test_conv_transpose_output_padding_must_be_small():
   with pytest.raises(ValueError, match='output_padding'):
     layers.ConvTranspose(2, 3, 2, output_padding=2).init(

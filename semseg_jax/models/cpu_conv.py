@@ -101,8 +101,16 @@ def set_fast_conv_threshold(min_channels: int | None) -> None:
 def set_cpu_conv_gradients(enabled: bool) -> None:
   """Turns :func:`auto_conv`'s automatic CPU gradient routes on (default) or
   off (XLA's plain convolutions everywhere, forward-mode autodiff works).
+  The switch also covers ``layers.conv_transpose``'s custom gradient on
+  GPU/TPU, the one other ``custom_vjp`` of the layers' convolutions.
   Takes effect for modules traced afterwards."""
   _SETTINGS['enabled'] = bool(enabled)
+
+
+def custom_gradients_enabled() -> bool:
+  """Whether the layers' convolutions may use custom-VJP gradient rules
+  (:func:`set_cpu_conv_gradients`)."""
+  return _SETTINGS['enabled']
 
 
 def _plain_conv(x, w, pads, dil):

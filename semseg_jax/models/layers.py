@@ -178,6 +178,49 @@ def _conv_transpose_lhs_dilated(x, kernel, s, p, op, d):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+def _strided_conv(z, kernel_t, s, p):
+  """The strided convolution (``O -> C`` channels, kernel ``[kh, kw, O, C]``)
+  whose input gradient is the transposed convolution."""
+  return jax.lax.conv_general_dilated(
+      z, kernel_t, window_strides=s, padding=[(p[0], p[0]), (p[1], p[1])],
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_transpose_native(x, kernel, s, p, op):
+  """The dilated-input form with PyTorch's (cuDNN's) gradients.
+
+  The transposed convolution is the input gradient of
+  :func:`_strided_conv`, so its input gradient is that strided convolution
+  of ``dy`` and its kernel gradient is that convolution's weight gradient
+  with ``dy`` as the input and ``x`` as the output gradient: a
+  backward-filter convolution that XLA:GPU hands to cuDNN. JAX's own rule
+  for the kernel of an ``lhs_dilation`` convolution is a convolution over the
+  zero-inserted input (``s_h * s_w`` times the pixels) with the whole output
+  gradient as its window, which XLA:GPU runs as a forward convolution with
+  a window the size of the image (experiments/RESULTS.md, attempt 38).
+  Needs ``output_padding < stride`` (so that the strided convolution of the
+  output has the input's size) and no kernel dilation.
+  """
+  return _conv_transpose_lhs_dilated(x, kernel, s, p, op, (1, 1))
+
+
+def _conv_transpose_native_fwd(x, kernel, s, p, op):
+  return _conv_transpose_native(x, kernel, s, p, op), (x, kernel)
+
+
+def _conv_transpose_native_bwd(s, p, op, res, g):
+  del op  # the strided convolution of g has x's size (op < s)
+  x, kernel = res
+  dx, vjp_kernel = jax.vjp(lambda kt: _strided_conv(g, kt, s, p),
+                           jnp.swapaxes(kernel, 2, 3))
+  return dx, jnp.swapaxes(vjp_kernel(x)[0], 2, 3)
+
+
+_conv_transpose_native.defvjp(_conv_transpose_native_fwd,
+                              _conv_transpose_native_bwd)
+
+
 def _conv_transpose_phases(x, kernel, s, p, op):
   """The same transposed convolution as ``s_h * s_w`` output phases.
 
@@ -220,12 +263,16 @@ def conv_transpose(x: Array, kernel: Array, strides: Sequence[int],
 
   A dilated-input convolution (``lhs_dilation=strides``, flipped kernel,
   padding ``d * (k - 1) - p``), which XLA's GPU and TPU backends run as a
-  native transposed convolution. XLA:CPU has no fast path for input
-  dilation (its backward was 10x the phase form's for U-Net's 2x2
-  up-convolutions, and FCN's 16x16 stride-8 forward 28x), so on CPU,
-  chosen when the program is lowered (``lax.platform_dependent``), the same
-  values come from :func:`_conv_transpose_phases` (equal up to float
-  summation order; tests).
+  native transposed convolution, with the gradients PyTorch takes
+  (:func:`_conv_transpose_native`: the kernel gradient as cuDNN's backward
+  filter of the strided convolution, not JAX's convolution over the
+  zero-inserted input). XLA:CPU has no fast path for input dilation (its
+  backward was 10x the phase form's for U-Net's 2x2 up-convolutions, and
+  FCN's 16x16 stride-8 forward 28x), so on CPU, chosen when the program is
+  lowered (``lax.platform_dependent``), the same values come from
+  :func:`_conv_transpose_phases` (equal up to float summation order; tests).
+  ``layers.set_cpu_conv_gradients(False)`` turns the custom gradient off
+  (plain JAX autodiff, forward mode included) on every backend.
   """
   s, p, op, d = (tuple(int(v) for v in t) for t in
                  (strides, padding, output_padding, dilation))
@@ -234,7 +281,11 @@ def conv_transpose(x: Array, kernel: Array, strides: Sequence[int],
   if d != (1, 1) or s == (1, 1):
     return dilated(x, kernel)
   phases = functools.partial(_conv_transpose_phases, s=s, p=p, op=op)
-  return jax.lax.platform_dependent(x, kernel, cpu=phases, default=dilated)
+  default = dilated
+  if cpu_conv.custom_gradients_enabled() and all(
+      o < st for o, st in zip(op, s)):
+    default = lambda x, k: _conv_transpose_native(x, k, s, p, op)  # noqa: E731
+  return jax.lax.platform_dependent(x, kernel, cpu=phases, default=default)
 
 
 class ConvTranspose(nn.Module):
