@@ -274,6 +274,65 @@ def test_conv_transpose_kernel_gradient_is_backward_filter_off_cpu(platform):
     layers.set_cpu_conv_gradients(True)
 
 
+@pytest.mark.parametrize('k,s,pads,d,dtype', [
+    (3, (1, 1), ((100, 100), (100, 100)), (1, 1), 'float32'),  # FCN conv1_1
+    (3, (2, 1), ((5, 3), (0, 4)), (1, 1), 'float32'),
+    ((3, 2), (1, 1), ((6, 6), (2, 2)), (2, 1), 'float32'),
+    (3, (1, 1), ((100, 100), (100, 100)), (1, 1), 'bfloat16'),
+])
+def test_patches_conv_equals_conv(k, s, pads, d, dtype):
+  # The off-CPU form of narrow convolutions with padding wider than the
+  # kernel: im2col patches times the kernel, same values and gradients.
+  kp = (k, k) if isinstance(k, int) else k
+  r = _rng(15)
+  dt = jnp.dtype(dtype)
+  x = jnp.asarray(r.standard_normal((2, 11, 13, 3)), dt)
+  w = jnp.asarray(r.standard_normal((*kp, 3, 5)), dt)
+  kw = dict(rhs_dilation=d, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, s, pads, **kw)
+  got = lambda x, w: cpu_conv._patches_conv(x, w, s, pads, **kw)
+  y, vjp_ref = jax.vjp(ref, x, w)
+  g, vjp_got = jax.vjp(got, x, w)
+  assert g.shape == y.shape and g.dtype == y.dtype
+  tol = 1e-5 if dtype == 'float32' else 2e-2
+  cot = jnp.asarray(r.standard_normal(y.shape), dt)
+  for a, b in [(g, y), *zip(vjp_got(cot), vjp_ref(cot))]:
+    b = np.asarray(b, np.float32)
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol,
+                               atol=tol * np.abs(b).max())
+
+
+@pytest.mark.parametrize('c_in,padding,patches', [
+    (3, 100, True),    # FCN's conv1_1
+    (3, 1, False),     # padding within the kernel's reach
+    (3, 3, True),
+    (8, 100, False),   # 3 * 3 * 8 = 72 > 64 input values per window
+])
+def test_wide_padding_rule_off_cpu(c_in, padding, patches):
+  # Lowered for GPU/TPU, layers.conv computes a narrow convolution with
+  # padding beyond the kernel's reach from patches (a dot_general and no
+  # convolution, in the forward and the weight gradient); lowered for CPU
+  # it stays a convolution.
+  m = layers.conv(4, 3, padding=padding)
+  x = jnp.asarray(_rng(16).standard_normal((1, 9, 10, c_in)), jnp.float32)
+  v = m.init(jax.random.key(0), x)
+  ref = jax.lax.conv_general_dilated(
+      x, v['params']['kernel'], (1, 1), [(padding, padding)] * 2,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + v['params']['bias']
+  np.testing.assert_allclose(m.apply(v, x), ref, rtol=1e-5, atol=1e-5)
+  grad = lambda: jax.grad(lambda v: jnp.sum(m.apply(v, x) ** 2))
+  from jax import export  # pylint: disable=import-outside-toplevel
+  for platform in ('cuda', 'tpu', 'cpu'):
+    text = export.export(jax.jit(grad()), platforms=(platform,))(
+        v).mlir_module()
+    convs = text.count('stablehlo.convolution')
+    dots = text.count('stablehlo.dot_general')
+    if patches and platform != 'cpu':
+      assert (convs, dots) == (0, 2), platform
+    else:
+      assert convs >= 2 and dots == 0, platform
+
+
 def test_conv_transpose_output_padding_must_be_small():
   with pytest.raises(ValueError, match='output_padding'):
     layers.ConvTranspose(2, 3, 2, output_padding=2).init(

@@ -39,7 +39,10 @@ The ``'cols'`` and ``'taps'`` rules skip convolutions of fewer than
 compile time is.
 
 All of this applies only when the program is lowered for CPU
-(``lax.platform_dependent``); GPUs and TPUs run XLA's own convolutions.
+(``lax.platform_dependent``); GPUs and TPUs run XLA's own convolutions,
+except for one rule of :func:`auto_conv` that applies only off CPU: a narrow
+convolution padded beyond its kernel's reach (FCN's ``conv1_1``) is computed
+from im2col patches, whose weight gradient XLA:GPU runs 50x faster.
 Values are equal up to float summation order (tests). The other
 replacements are ``jax.custom_vjp`` rules, so forward-mode differentiation
 (``jax.jvp``, ``jax.linearize``) through a routed convolution raises; call
@@ -520,21 +523,73 @@ def _pointwise_conv(x, w, strides):
                              (((3,), (0,)), ((), ())))
 
 
+def _wide_narrow(rhs, padding, **kwargs) -> bool:
+  """Zero padding beyond the kernel's reach ``d * (k - 1)`` on some side, on
+  an input of few channels (``kh * kw * C_in <= 64``): FCN's ``conv1_1``
+  (3 channels, 100 pixels around a 3x3 kernel)."""
+  if isinstance(padding, str):
+    return False
+  kh, kw, c_in, _ = rhs.shape
+  dil = kwargs.get('rhs_dilation') or (1, 1)
+  reach = [d * (k - 1) for d, k in zip(dil, (kh, kw))]
+  return kh * kw * c_in <= 64 and any(
+      int(v) > r for (lo, hi), r in zip(padding, reach) for v in (lo, hi))
+
+
+def _patches_conv(lhs, rhs, window_strides, padding, **kwargs):
+  """The same convolution as im2col patches ``[B, H', W', kh*kw*C]`` (one
+  strided slice per tap) times the kernel ``[kh*kw*C, O]``: its weight
+  gradient is one matmul, ``patches^T dy``."""
+  kh, kw, c, o = rhs.shape
+  dil = kwargs.get('rhs_dilation') or (1, 1)
+  s = tuple(window_strides)
+  xp = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype),
+                   [(0, 0, 0), *((int(lo), int(hi), 0) for lo, hi in padding),
+                    (0, 0, 0)])
+  out = [(xp.shape[1 + i] - dil[i] * (k - 1) - 1) // s[i] + 1
+         for i, k in enumerate((kh, kw))]
+  taps = [jax.lax.slice(xp, (0, u * dil[0], v * dil[1], 0),
+                        (xp.shape[0], u * dil[0] + (out[0] - 1) * s[0] + 1,
+                         v * dil[1] + (out[1] - 1) * s[1] + 1, c),
+                        (1, s[0], s[1], 1))
+          for u in range(kh) for v in range(kw)]
+  dtype = jnp.result_type(lhs, rhs)
+  patches = jnp.concatenate(taps, axis=-1).astype(dtype)
+  return jax.lax.dot_general(patches, rhs.reshape(kh * kw * c, o).astype(dtype),
+                             (((3,), (0,)), ((), ())))
+
+
 def auto_conv(lhs, rhs, window_strides, padding, **kwargs):
   """What ``layers.conv`` uses: ``lax.conv_general_dilated`` that, when
   lowered for CPU, computes 1x1 convolutions as matmuls (:func:`pointwise`)
   and takes the formulations of :func:`cpu_modes` for the rest (module
-  docstring). Values and gradients equal XLA's up to summation order."""
+  docstring). Values and gradients equal XLA's up to summation order.
+
+  Off CPU, a convolution of a narrow input with zero padding beyond the
+  kernel's reach (:func:`_wide_narrow`: FCN's ``conv1_1``, 100 pixels around
+  a 3x3 kernel on the RGB input) is computed from im2col patches
+  (:func:`_patches_conv`). XLA:GPU runs its weight gradient as a forward
+  convolution whose window is the whole output gradient: 55 ms at FCN-8s's
+  500x500 batch 8 in bfloat16 on an H200, against 1.1 ms for the patches'
+  matmul (experiments/RESULTS.md, attempt 39).
+  """
   plain = functools.partial(jax.lax.conv_general_dilated,
                             window_strides=window_strides, padding=padding,
                             **kwargs)
+  default = plain
+  if _plain_nhwc(lhs, rhs, **kwargs) and _wide_narrow(rhs, padding,
+                                                      **kwargs):
+    default = functools.partial(_patches_conv, window_strides=window_strides,
+                                padding=padding, **kwargs)
   if pointwise(lhs, rhs, window_strides, padding, **kwargs):
     fast = functools.partial(_pointwise_conv, strides=tuple(window_strides))
-    return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=plain)
+    return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=default)
   modes = cpu_modes(lhs, rhs, window_strides, padding, **kwargs)
   if modes is None:
-    return plain(lhs, rhs)
+    if default is plain:
+      return plain(lhs, rhs)
+    return jax.lax.platform_dependent(lhs, rhs, cpu=plain, default=default)
   fast = functools.partial(_routed, padding=padding,
                            rhs_dilation=kwargs.get('rhs_dilation'),
                            modes=modes)
-  return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=plain)
+  return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=default)
