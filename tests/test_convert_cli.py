@@ -17,9 +17,9 @@ from semseg_jax.data import pipeline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _upstream_unet_state_dict():
-  """A random upstream-named U-Net state dict (feature_scale 16, 6 classes)."""
-  module = ptsemseg.build('unet', num_classes=6, feature_scale=16)
+def _upstream_unet_state_dict(feature_scale=16):
+  """A random upstream-named U-Net state dict (6 classes)."""
+  module = ptsemseg.build('unet', num_classes=6, feature_scale=feature_scale)
   x = jnp.zeros((1, 188, 188, 3))
   variables = module.init(jax.random.key(1), x, train=False)
   rng = np.random.default_rng(0)
@@ -52,6 +52,19 @@ def test_cli_requires_its_flags(tmp_path):
   out = subprocess.run([sys.executable, '-m', 'semseg_jax.convert', '--arch=unet'], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 1 and 'error: --checkpoint is required' in out.stderr
+
+
+@pytest.mark.parametrize('feature_scale', [4, 16])
+def test_unet_width_is_read_off_the_state_dict(feature_scale):
+  # The CLI passes no options: U-Net's feature_scale comes from the weights.
+  sd = _upstream_unet_state_dict(feature_scale)
+  module, variables = ptsemseg.from_ptsemseg(sd, 'unet')
+  assert module.feature_scale == feature_scale
+  assert variables['params']['conv1']['conv1']['conv']['kernel'].shape[-1] == (
+      64 // feature_scale)
+  # An explicit option still wins (and a wrong one is a clear error).
+  with pytest.raises(ValueError, match='conv1.conv1.0.weight'):
+    ptsemseg.from_ptsemseg(sd, 'unet', feature_scale=2 * feature_scale)
 
 
 def test_cli_reads_a_torch_checkpoint(tmp_path):

@@ -123,12 +123,16 @@ class ArchSpec:
       the caller does not pass ``num_classes``).
     sample_hw: an input ``(H, W)`` the parity-mode module accepts, for
       shape inference.
+    infer: reads model options off the (normalised) state dict, e.g.
+      U-Net's ``feature_scale`` from its first convolution's width; the
+      caller's ``model_kwargs`` override them.
   """
   model: str
   rules: tuple[Rule, ...]
   defaults: Mapping[str, Any]
   num_classes_key: str
   sample_hw: tuple[int, int]
+  infer: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
 
 ARCHS: dict[str, ArchSpec] = {}
@@ -191,10 +195,17 @@ def _unet_rules() -> tuple[Rule, ...]:
   return tuple(rules)
 
 
+def _unet_options(sd: Mapping[str, Any]) -> dict[str, Any]:
+  """``feature_scale`` from ``conv1``'s width (``64 / feature_scale``):
+  upstream's default is 4, but checkpoints are trained with others."""
+  key = 'conv1.conv1.0.weight'
+  return ({'feature_scale': 64 / int(sd[key].shape[0])} if key in sd else {})
+
+
 register_arch('unet', ArchSpec(model='unet', rules=_unet_rules(),
                                defaults={'padding': 'valid'},
                                num_classes_key='final.bias',
-                               sample_hw=(188, 188)))
+                               sample_hw=(188, 188), infer=_unet_options))
 
 
 # ----------------------------------------------------------------------------
@@ -329,6 +340,8 @@ def from_ptsemseg(state_dict: Mapping[str, Any], arch: str,
       raise ValueError(f'{arch}: missing key {spec.num_classes_key!r} in the '
                        'state dict (it gives num_classes)')
     model_kwargs['num_classes'] = int(sd[spec.num_classes_key].shape[0])
+  if spec.infer is not None:
+    model_kwargs = {**spec.infer(sd), **model_kwargs}
   module = build(arch, **model_kwargs)
   flat = fill(sd, spec.rules, _target(module, spec), arch)
   variables = traverse_util.unflatten_dict(
