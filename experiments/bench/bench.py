@@ -437,6 +437,27 @@ def markdown(env, speed, memory, scaling) -> str:
   return '\n'.join(lines)
 
 
+def add_network_args(p, models='fcn8s,unet'):
+  """The flags ops.py and step_profile.py share: networks, sizes, batch and
+  dtype, defaulting to the GPU set (paper sizes, batch 8, bfloat16)."""
+  p.add_argument('--models', default=models)
+  p.add_argument('--sizes', default='paper')
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--dtype', default='bfloat16',
+                 choices=('float32', 'bfloat16'))
+
+
+def write_results(prefix: str, data, md: str) -> None:
+  """``PREFIX.json`` (``data``) and ``PREFIX.md`` (``md``); no-op for ''."""
+  if not prefix:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+  with open(prefix + '.json', 'w') as f:
+    json.dump(data, f, indent=1)
+  with open(prefix + '.md', 'w') as f:
+    f.write(md + '\n')
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--models', default='fcn8s,segnet,unet,pspnet',
@@ -535,13 +556,8 @@ def main(argv=None):
   env['loadavg_end'] = [round(v, 2) for v in os.getloadavg()]
   md = markdown(env, speed, memory, scaling)
   print(md)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + '.json', 'w') as f:
-      json.dump({'env': env, 'speed': speed, 'memory': memory,
-                 'scaling': scaling}, f, indent=1)
-    with open(args.out + '.md', 'w') as f:
-      f.write(md + '\n')
+  write_results(args.out, {'env': env, 'speed': speed, 'memory': memory,
+                           'scaling': scaling}, md)
 
 
 if __name__ == '__main__':

@@ -39,6 +39,14 @@ run() {  # name limit_s command...
   grep -v '^|' "$out/$name.log" | tail -n 3
 }
 
+bench_step() {  # name limit models dtype [more bench.py flags]
+  local name=$1 limit=$2 nets=$3 dtype=$4
+  shift 4
+  run "$name" "$limit" $py experiments/bench/bench.py --models="$nets" \
+    --sizes="$sizes" --batch="$batch" --dtype="$dtype" --torch --malloc=default \
+    --repeats="$repeats" --warmup=3 --out="$out/$name" "$@"
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem \
   --format=csv >"$out/gpu.txt" 2>&1 && cat "$out/gpu.txt"
 $py -c 'import jax, flax, sys; print(sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, jax.devices())' 2>&1 | tail -n 1
@@ -52,15 +60,9 @@ case ",$steps," in *,convs,*)
     --sizes="$sizes" --batch="$batch" --dtype=bfloat16 --torch \
     --repeats=5 --warmup=2 --out="$out/convs" ;;
 esac
-case ",$steps," in *,bench,*)
-  run bench 240 $py experiments/bench/bench.py --models="$models" \
-    --sizes="$sizes" --batch="$batch" --dtype=bfloat16 --torch --malloc=default \
-    --repeats="$repeats" --warmup=3 --out="$out/bench" ;;
-esac
+case ",$steps," in *,bench,*) bench_step bench 240 "$models" bfloat16 ;; esac
 case ",$steps," in *,before,*)
-  run before 110 $py experiments/bench/bench.py --models=fcn8s,unet \
-    --sizes="$sizes" --batch="$batch" --dtype=bfloat16 --torch --malloc=default \
-    --repeats="$repeats" --warmup=3 --plain_gradients --out="$out/before" ;;
+  bench_step before 110 fcn8s,unet bfloat16 --plain_gradients ;;
 esac
 case ",$steps," in *,profile,*)
   run profile 60 $py experiments/bench/step_profile.py \
@@ -68,12 +70,8 @@ case ",$steps," in *,profile,*)
     --sizes="$sizes" --batch="$batch" --dtype=bfloat16 --lines=4 \
     --device="${PROFILE_DEVICE:-/device:GPU}" --out="$out/profile" ;;
 esac
-case ",$steps," in *,fp32,*)
-  run fp32 240 $py experiments/bench/bench.py --models="$models" \
-    --sizes="$sizes" --batch="$batch" --dtype=float32 --torch --malloc=default \
-    --repeats="$repeats" --warmup=3 --out="$out/fp32" ;;
-esac
+case ",$steps," in *,fp32,*) bench_step fp32 240 "$models" float32 ;; esac
 case ",$steps," in *,tests,*)
-  run tests 50 $py -m pytest -q -p no:cacheprovider tests/test_layers.py \
+  run tests 120 $py -m pytest -q -p no:cacheprovider tests/test_layers.py \
     -k 'conv_transpose or pool' ;;
 esac

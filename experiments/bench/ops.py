@@ -306,11 +306,7 @@ def markdown(env, rows) -> str:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--models', default='fcn8s,unet')
-  p.add_argument('--sizes', default='paper')
-  p.add_argument('--batch', type=int, default=8)
-  p.add_argument('--dtype', default='bfloat16',
-                 choices=('float32', 'bfloat16'))
+  bench.add_network_args(p)
   p.add_argument('--ops', default='conv_transpose,max_pool',
                  help='which recorded ops to time (conv_transpose, max_pool, '
                  'conv)')
@@ -347,12 +343,7 @@ def main(argv=None):
         print(json.dumps(rec), flush=True)
   md = markdown(env, rows)
   print(md)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + '.json', 'w') as f:
-      json.dump({'env': env, 'rows': rows}, f, indent=1)
-    with open(args.out + '.md', 'w') as f:
-      f.write(md + '\n')
+  bench.write_results(args.out, {'env': env, 'rows': rows}, md)
 
 
 if __name__ == '__main__':

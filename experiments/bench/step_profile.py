@@ -112,11 +112,7 @@ def markdown(rows) -> str:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--models', default='fcn8s,unet')
-  p.add_argument('--sizes', default='paper')
-  p.add_argument('--batch', type=int, default=8)
-  p.add_argument('--dtype', default='bfloat16',
-                 choices=('float32', 'bfloat16'))
+  bench.add_network_args(p)
   p.add_argument('--steps', type=int, default=3)
   p.add_argument('--top', type=int, default=25)
   p.add_argument('--lines', type=int, default=3,
@@ -135,12 +131,7 @@ def main(argv=None):
       print(json.dumps(rows[-1]), flush=True)
   md = markdown(rows)
   print(md)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + '.json', 'w') as f:
-      json.dump(rows, f, indent=1)
-    with open(args.out + '.md', 'w') as f:
-      f.write(md + '\n')
+  bench.write_results(args.out, rows, md)
 
 
 if __name__ == '__main__':
