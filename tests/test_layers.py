@@ -290,7 +290,7 @@ def test_patches_conv_equals_conv(k, s, pads, d, dtype):
   w = jnp.asarray(r.standard_normal((*kp, 3, 5)), dt)
   kw = dict(rhs_dilation=d, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   ref = lambda x, w: jax.lax.conv_general_dilated(x, w, s, pads, **kw)
-  got = lambda x, w: cpu_conv._patches_conv(x, w, s, pads, **kw)
+  got = lambda x, w: cpu_conv._fwd_cols(x, w, pads, d, strides=s)
   y, vjp_ref = jax.vjp(ref, x, w)
   g, vjp_got = jax.vjp(got, x, w)
   assert g.shape == y.shape and g.dtype == y.dtype

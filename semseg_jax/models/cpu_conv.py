@@ -164,13 +164,16 @@ def _pad_input(x, pads):
                                (0, 0, 0)))
 
 
-def _tap_views(xp, k_hw, dil, out_hw):
+def _tap_views(xp, k_hw, dil, out_hw, strides=(1, 1)):
   """The padded input as each kernel tap (u, v) sees it, row-major: the
-  ``[B, H', W', C]`` window shifted by ``(u * dh, v * dw)``."""
+  ``[B, H', W', C]`` window shifted by ``(u * dh, v * dw)``, every
+  ``strides``-th pixel."""
+  s = tuple(strides)
   return [jax.lax.slice(
       xp, (0, u * dil[0], v * dil[1], 0),
-      (xp.shape[0], u * dil[0] + out_hw[0], v * dil[1] + out_hw[1],
-       xp.shape[3]))
+      (xp.shape[0], u * dil[0] + (out_hw[0] - 1) * s[0] + 1,
+       v * dil[1] + (out_hw[1] - 1) * s[1] + 1, xp.shape[3]),
+      None if s == (1, 1) else (1, *s, 1))
           for u in range(k_hw[0]) for v in range(k_hw[1])]
 
 
@@ -237,17 +240,20 @@ def _dw_strips(x, w, g, pads, dil):
   return acc.transpose(1, 2, 0, 3)
 
 
-def _fwd_cols(x, w, pads, dil):
+def _fwd_cols(x, w, pads, dil, strides=(1, 1)):
   """The forward as one matmul of the im2col patches ``[B*H'*W', kh*kw*C]``
-  with the kernel ``[kh*kw*C, O]`` (small outputs only, so the patches
-  stay small: FCN's fc6, 7x7 VALID on 2x10x10 x 512, is 241 ms as XLA:CPU's
-  convolution and 65 ms so)."""
+  with the kernel ``[kh*kw*C, O]``. On CPU for small outputs only, so the
+  patches stay small (FCN's fc6, 7x7 VALID on 2x10x10 x 512, is 241 ms as
+  XLA:CPU's convolution and 65 ms so); off CPU, under plain autodiff, for
+  :func:`_wide_narrow` convolutions, whose weight gradient is then one
+  matmul ``patches^T dy``."""
   kh, kw, ci, co = w.shape
   xp = _pad_input(x, pads)
   b = x.shape[0]
-  oh = xp.shape[1] - dil[0] * (kh - 1)
-  ow = xp.shape[2] - dil[1] * (kw - 1)
-  cols = jnp.concatenate(_tap_views(xp, (kh, kw), dil, (oh, ow)), axis=-1)
+  oh, ow = ((xp.shape[1 + i] - dil[i] * (k - 1) - 1) // s + 1
+            for i, (k, s) in enumerate(zip((kh, kw), strides)))
+  cols = jnp.concatenate(_tap_views(xp, (kh, kw), dil, (oh, ow), strides),
+                         axis=-1)
   y = jnp.dot(cols.reshape(b * oh * ow, kh * kw * ci), w.reshape(-1, co),
               preferred_element_type=jnp.float32)
   return y.reshape(b, oh, ow, co).astype(jnp.result_type(x, w))
@@ -536,29 +542,6 @@ def _wide_narrow(rhs, padding, **kwargs) -> bool:
       int(v) > r for (lo, hi), r in zip(padding, reach) for v in (lo, hi))
 
 
-def _patches_conv(lhs, rhs, window_strides, padding, **kwargs):
-  """The same convolution as im2col patches ``[B, H', W', kh*kw*C]`` (one
-  strided slice per tap) times the kernel ``[kh*kw*C, O]``: its weight
-  gradient is one matmul, ``patches^T dy``."""
-  kh, kw, c, o = rhs.shape
-  dil = kwargs.get('rhs_dilation') or (1, 1)
-  s = tuple(window_strides)
-  xp = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype),
-                   [(0, 0, 0), *((int(lo), int(hi), 0) for lo, hi in padding),
-                    (0, 0, 0)])
-  out = [(xp.shape[1 + i] - dil[i] * (k - 1) - 1) // s[i] + 1
-         for i, k in enumerate((kh, kw))]
-  taps = [jax.lax.slice(xp, (0, u * dil[0], v * dil[1], 0),
-                        (xp.shape[0], u * dil[0] + (out[0] - 1) * s[0] + 1,
-                         v * dil[1] + (out[1] - 1) * s[1] + 1, c),
-                        (1, s[0], s[1], 1))
-          for u in range(kh) for v in range(kw)]
-  dtype = jnp.result_type(lhs, rhs)
-  patches = jnp.concatenate(taps, axis=-1).astype(dtype)
-  return jax.lax.dot_general(patches, rhs.reshape(kh * kw * c, o).astype(dtype),
-                             (((3,), (0,)), ((), ())))
-
-
 def auto_conv(lhs, rhs, window_strides, padding, **kwargs):
   """What ``layers.conv`` uses: ``lax.conv_general_dilated`` that, when
   lowered for CPU, computes 1x1 convolutions as matmuls (:func:`pointwise`)
@@ -568,7 +551,7 @@ def auto_conv(lhs, rhs, window_strides, padding, **kwargs):
   Off CPU, a convolution of a narrow input with zero padding beyond the
   kernel's reach (:func:`_wide_narrow`: FCN's ``conv1_1``, 100 pixels around
   a 3x3 kernel on the RGB input) is computed from im2col patches
-  (:func:`_patches_conv`). XLA:GPU runs its weight gradient as a forward
+  (:func:`_fwd_cols`). XLA:GPU runs its weight gradient as a forward
   convolution whose window is the whole output gradient: 55 ms at FCN-8s's
   500x500 batch 8 in bfloat16 on an H200, against 1.1 ms for the patches'
   matmul (experiments/RESULTS.md, attempt 39).
@@ -579,8 +562,10 @@ def auto_conv(lhs, rhs, window_strides, padding, **kwargs):
   default = plain
   if _plain_nhwc(lhs, rhs, **kwargs) and _wide_narrow(rhs, padding,
                                                       **kwargs):
-    default = functools.partial(_patches_conv, window_strides=window_strides,
-                                padding=padding, **kwargs)
+    dil = tuple(kwargs.get('rhs_dilation') or (1, 1))
+    default = functools.partial(
+        _fwd_cols, dil=dil, strides=tuple(window_strides),
+        pads=_explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil))
   if pointwise(lhs, rhs, window_strides, padding, **kwargs):
     fast = functools.partial(_pointwise_conv, strides=tuple(window_strides))
     return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=default)
