@@ -3,9 +3,11 @@
     PYTHONPATH=. python experiments/bench/ops.py --models=fcn8s,unet \\
         --sizes=paper --batch=8 --dtype=bfloat16 --torch --out=runs/bench/ops
 
-The networks' own transposed convolutions and max pools, with the shapes
-recorded from a trace of the network at that input size (``jax.eval_shape``
-with ``layers.conv_transpose`` / ``layers.max_pool`` wrapped), each timed
+The networks' own transposed convolutions, max pools, unpoolings and
+convolutions, with the shapes recorded from a trace of the network at that
+input size (``jax.eval_shape`` with ``layers.conv_transpose`` /
+``layers.max_pool`` / ``layers.max_unpool`` / ``cpu_conv.auto_conv``
+wrapped), each timed
 forward and forward + backward (input and kernel gradients of
 ``sum(y * cotangent)``) in every formulation:
 
@@ -17,6 +19,10 @@ forward and forward + backward (input and kernel gradients of
 * max pool: ``layers.max_pool`` (strided views, elementwise gradient),
   ``reduce_window`` (XLA's ``select_and_scatter`` gradient) and
   ``F.max_pool2d``;
+* max unpooling (``--ops=max_unpool``, SegNet's and ENet's):
+  ``windows`` (``layers.max_unpool`` with the pool's window: selects by the
+  index's offset in its window), ``scatter`` (the general form) and
+  ``F.max_unpool2d``;
 * convolution (``--ops=conv``, the calls of ``layers.conv``): ``xla``
   (``lax.conv_general_dilated``, what runs off CPU), ``prepad`` (the padding
   as a separate ``jnp.pad``, then a VALID convolution), ``cols`` (im2col by
@@ -59,6 +65,7 @@ def record_calls(name, k, hw, options, batch, dtype):
   that the network ``name`` runs at ``hw``, in call order, deduplicated."""
   calls = []
   orig_ct, orig_mp = layers.conv_transpose, layers.max_pool
+  orig_unpool = layers.max_unpool
 
   def ct(x, kernel, strides, padding, output_padding, dilation=(1, 1)):
     calls.append(('conv_transpose', tuple(x.shape), tuple(kernel.shape),
@@ -72,6 +79,13 @@ def record_calls(name, k, hw, options, batch, dtype):
     calls.append(('max_pool', tuple(x.shape), window,
                   window if stride is None else stride, padding, ceil_mode))
     return orig_mp(x, window, stride, padding, ceil_mode)
+
+  def unpool(y, indices, output_hw, window=None):
+    hw_out = tuple(int(v) for v in output_hw)
+    k = 2 if window is None else window
+    calls.append(('max_unpool', tuple(y.shape), hw_out,
+                  k if isinstance(k, int) else tuple(k)))
+    return orig_unpool(y, indices, output_hw, window)
 
   orig_conv = cpu_conv.auto_conv
 
@@ -91,6 +105,7 @@ def record_calls(name, k, hw, options, batch, dtype):
 
   model = bench.make_model(name, k, options, dtype, False)
   layers.conv_transpose, layers.max_pool = ct, mp
+  layers.max_unpool = unpool
   cpu_conv.auto_conv = conv
   try:
     jax.eval_shape(
@@ -98,6 +113,7 @@ def record_calls(name, k, hw, options, batch, dtype):
         jax.ShapeDtypeStruct((batch, *hw, 3), jnp.float32))
   finally:
     layers.conv_transpose, layers.max_pool = orig_ct, orig_mp
+    layers.max_unpool = orig_unpool
     cpu_conv.auto_conv = orig_conv
   seen, out = set(), []
   for c in calls:
@@ -168,6 +184,12 @@ def _jax_forms(call):
         return cpu_conv._fwd_cols(x, w, pads, d)  # pylint: disable=protected-access
       forms['cols'] = cols
     return forms
+  if call[0] == 'max_unpool':
+    hw_out, k = call[2], call[3]
+    return {
+        'windows': lambda y, i: layers.max_unpool(y, i, hw_out, window=k),
+        'scatter': lambda y, i: layers.max_unpool(y, i, hw_out),
+    }
   _, _, window, stride, padding, ceil_mode = call
 
   def reduce_window(x, _):
@@ -182,6 +204,18 @@ def _jax_forms(call):
                                                ceil_mode),
       'reduce_window': reduce_window,
   }
+
+
+def _unpool_inputs(call):
+  """Pooled values and their indices for a recorded ``max_unpool`` call:
+  the non-overlapping pool of a random map of the unpooled size."""
+  _, ys, (hh, ww), k = call
+  x = jax.random.normal(jax.random.key(0), (ys[0], hh, ww, ys[3]))
+  kk = (k, k) if isinstance(k, int) else k
+  y, idx = layers.max_pool_with_argmax(
+      x, k, k, ceil_mode=ys[1] * kk[0] > hh or ys[2] * kk[1] > ww)
+  assert y.shape == ys, (y.shape, ys)
+  return y, idx
 
 
 def _torch_fn(call, dtype, torch_mod):
@@ -205,13 +239,24 @@ def _torch_fn(call, dtype, torch_mod):
                           d).to(dev).to(memory_format=torch.channels_last)
     x = torch.randn(xs[0], xs[3], xs[1], xs[2], generator=g).to(dev)
     fwd = lambda x: mod(x)  # noqa: E731
+  elif call[0] == 'max_unpool':
+    _, ys, hw_out, k = call
+    pooled, idx = _unpool_inputs(call)
+    x = torch.from_numpy(np.asarray(pooled, np.float32)).permute(
+        0, 3, 1, 2).contiguous().to(dev, torch.bfloat16 if amp else None)
+    idx = torch.from_numpy(np.asarray(idx, np.int64)).permute(
+        0, 3, 1, 2).contiguous().to(dev)
+    fwd = lambda x: F.max_unpool2d(x, idx, k, k,  # noqa: E731
+                                   output_size=hw_out)
   else:
     _, xs, window, stride, padding, ceil_mode = call
     x = torch.randn(xs[0], xs[3], xs[1], xs[2], generator=g).to(dev)
     fwd = lambda x: F.max_pool2d(x, window, stride, padding,  # noqa: E731
                                  ceil_mode=ceil_mode)
   # The network's input (3 channels) needs no gradient, as in training.
-  x = x.to(memory_format=torch.channels_last).requires_grad_(
+  if call[0] != 'max_unpool':  # torch's unpooling wants contiguous NCHW
+    x = x.to(memory_format=torch.channels_last)
+  x = x.requires_grad_(
       not (call[0] == 'conv' and call[1][3] == 3))
   with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=amp):
     cot = torch.randn_like(fwd(x).float())
@@ -245,6 +290,11 @@ def bench_call(call, dtype, args, torch_mod=None) -> dict:
            if call[0] == 'conv_transpose' else
            f's{call[3]} p{call[4]} d{call[5]}')
     desc = f'{call[1]} -> k{call[2]}'
+  elif call[0] == 'max_unpool':
+    x, w = _unpool_inputs(call)
+    x = x.astype(dt)
+    geo = f'k{call[3]} -> {call[2]}'
+    desc = f'{call[1]}'
   else:
     w = jnp.zeros((), dt)
     geo = f'k{call[2]} s{call[3]} p{call[4]} ceil={call[5]}'
@@ -259,6 +309,7 @@ def bench_call(call, dtype, args, torch_mod=None) -> dict:
     # Input and kernel gradients; the network's input (3 channels) needs
     # none, as in training.
     argnums = {'conv_transpose': (0, 1), 'max_pool': (0,),
+               'max_unpool': (0,),
                'conv': (1,) if call[1][3] == 3 else (0, 1)}[call[0]]
     grad = jax.jit(jax.grad(
         lambda x, w, c, f=f: jnp.sum((f(x, w) * c).astype(jnp.float32)),
@@ -303,7 +354,7 @@ def main(argv=None):
   bench.add_network_args(p)
   p.add_argument('--ops', default='conv_transpose,max_pool',
                  help='which recorded ops to time (conv_transpose, max_pool, '
-                 'conv)')
+                 'max_unpool, conv)')
   p.add_argument('--repeats', type=int, default=20)
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--torch', action='store_true',

@@ -195,7 +195,7 @@ class DecoderBottleneck(nn.Module):
                        name='shortcut_conv')(x)
       shortcut = _bn(train, self.dtype, 'shortcut_bn')(shortcut)
       if up:
-        shortcut = layers.max_unpool(shortcut, indices, output_hw)
+        shortcut = layers.max_unpool(shortcut, indices, output_hw, window=2)
     return nn.relu(y + shortcut)
 
 

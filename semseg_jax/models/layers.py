@@ -538,7 +538,8 @@ def max_pool_with_argmax(x: Array, window: IntOrPair = 2,
   return y, (top + dy) * w_in + left + dx
 
 
-def max_unpool(y: Array, indices: Array, output_hw: Sequence[int]) -> Array:
+def max_unpool(y: Array, indices: Array, output_hw: Sequence[int],
+               window: IntOrPair | None = None) -> Array:
   """``MaxUnpool2d``: scatters ``y`` to ``indices`` in a zero ``output_hw``.
 
   Args:
@@ -546,6 +547,16 @@ def max_unpool(y: Array, indices: Array, output_hw: Sequence[int]) -> Array:
     indices: int ``[B, h, w, C]`` flat positions from
       :func:`max_pool_with_argmax`.
     output_hw: ``(H, W)`` of the unpooled map (torch's ``output_size``).
+    window: the window of the pooling that made ``indices`` when it was
+      non-overlapping and unpadded (``max_pool_with_argmax(x, k, k)``, as
+      SegNet's and ENet's): each index then lies in its own ``k x k`` window,
+      and the unpooling is ``k * k`` selects by the index's offset in the
+      window, interleaved, with an elementwise gradient. ``None``: a general
+      scatter (XLA's scatter, and a gather as its gradient). SegNet's last
+      unpooling (8x180x240x64 -> 360x480, bfloat16) forward and backward on
+      an H200: 0.85 ms as a scatter, 0.26 ms as selects (PyTorch's 1.52);
+      on one CPU core (1x180x240x64) 68 ms against 12. With ``window``, an
+      index outside its window is dropped.
 
   Returns:
     ``[B, H, W, C]`` with ``y`` at its argmax positions and zeros elsewhere;
@@ -557,6 +568,8 @@ def max_unpool(y: Array, indices: Array, output_hw: Sequence[int]) -> Array:
                      f'{indices.shape} differ in shape')
   b, h, w, c = y.shape
   hh, ww = (int(v) for v in output_hw)
+  if window is not None:
+    return _unpool_windows(y, indices, (hh, ww), _pair(window, 'window'))
   flat_y = y.reshape(b, h * w, c)
   flat_i = indices.reshape(b, h * w, c)
   bi = jnp.arange(b)[:, None, None]
@@ -564,6 +577,27 @@ def max_unpool(y: Array, indices: Array, output_hw: Sequence[int]) -> Array:
   out = jnp.zeros((b, hh * ww, c), y.dtype)
   out = out.at[bi, flat_i, ci].set(flat_y, mode='drop')
   return out.reshape(b, hh, ww, c)
+
+
+def _unpool_windows(y: Array, indices: Array, output_hw: tuple[int, int],
+                    k: tuple[int, int]) -> Array:
+  """:func:`max_unpool` of indices from a ``k``-window, ``k``-stride pool."""
+  b, h, w, c = y.shape
+  hh, ww = output_hw
+  row = indices // ww
+  dy = row - (np.arange(h, dtype=np.int32) * k[0])[:, None, None]
+  dx = indices - row * ww - (np.arange(w, dtype=np.int32) * k[1])[None, :,
+                                                                    None]
+  zero = jnp.zeros((), y.dtype)
+  # [B, h, k0, w, k1, C]: window (i, j)'s element (u, v) is y where the
+  # index points at it.
+  planes = jnp.stack([
+      jnp.stack([jnp.where((dy == u) & (dx == v), y, zero)
+                 for v in range(k[1])], axis=3)
+      for u in range(k[0])], axis=2)
+  out = planes.reshape(b, h * k[0], w * k[1], c)[:, :hh, :ww]
+  return jnp.pad(out, ((0, 0), (0, hh - out.shape[1]),
+                       (0, ww - out.shape[2]), (0, 0)))
 
 
 # ----------------------------------------------------------------------------

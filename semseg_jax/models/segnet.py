@@ -127,7 +127,7 @@ class SegNet(nn.Module):
                                               strict=True):
       # Unpooling puts each value back where its encoder pool found it; the
       # stored size restores a row/column that pooling dropped or padded.
-      x = layers.max_unpool(x, indices, hw)
+      x = layers.max_unpool(x, indices, hw, window=2)
       final = widths[-1] is None
       widths = tuple(self.num_classes if c is None else
                      scaled_width(c, self.width_mult) for c in widths)
