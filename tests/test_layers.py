@@ -333,6 +333,105 @@ def test_wide_padding_rule_off_cpu(c_in, padding, patches):
       assert convs >= 2 and dots == 0, platform
 
 
+@pytest.mark.parametrize('hw,k,pads,d,dtype', [
+    ((12, 12), 3, ((2, 2), (2, 2)), (2, 2), 'float32'),   # PSPNet layer3
+    ((11, 13), 3, ((4, 4), (4, 4)), (4, 4), 'float32'),   # H, W not d * n
+    ((9, 10), 3, ((2, 2), (3, 3)), (2, 3), 'float32'),
+    ((10, 10), 3, ((3, 1), (0, 5)), (3, 3), 'float32'),   # asymmetric
+    ((15, 15), 3, ((0, 0), (0, 0)), (2, 2), 'float32'),   # VALID
+    ((20, 17), (5, 3), ((4, 4), (2, 2)), (2, 2), 'float32'),
+    ((12, 12), 3, ((2, 2), (2, 2)), (2, 2), 'bfloat16'),
+])
+def test_atrous_phases_equal_the_dilated_conv(hw, k, pads, d, dtype):
+  # Space to batch: the atrous convolution as a dense one over its phases,
+  # same values and gradients; and the CUDA rule's mix (XLA's forward, the
+  # phases' gradients) too.
+  kp = (k, k) if isinstance(k, int) else k
+  r = _rng(17)
+  dt = jnp.dtype(dtype)
+  x = jnp.asarray(r.standard_normal((2, *hw, 5)), dt)
+  w = jnp.asarray(r.standard_normal((*kp, 5, 6)) / 4, dt)
+  ref = functools.partial(
+      jax.lax.conv_general_dilated, window_strides=(1, 1), padding=pads,
+      rhs_dilation=d, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  phases = functools.partial(cpu_conv._conv_phases, pads=pads, dil=d)
+  mixed = functools.partial(cpu_conv._forward_with_gradient_of, ref, phases)
+  y, vjp_ref = jax.vjp(ref, x, w)
+  cot = jnp.asarray(r.standard_normal(y.shape), dt)
+  tol = 1e-5 if dtype == 'float32' else 2e-2
+  for form in (phases, mixed):
+    got, vjp_got = jax.vjp(form, x, w)
+    assert got.shape == y.shape and got.dtype == y.dtype
+    for a, b in [(got, y), *zip(vjp_got(cot), vjp_ref(cot))]:
+      b = np.asarray(b, np.float32)
+      np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol,
+                                 atol=tol * np.abs(b).max())
+
+
+def _hlo(fn, *args, platform):
+  from jax import export  # pylint: disable=import-outside-toplevel
+  return export.export(jax.jit(fn), platforms=(platform,))(
+      *args).mlir_module()
+
+
+def test_atrous_rule_on_cuda():
+  # Lowered for CUDA, an atrous layers.conv keeps XLA's dilated forward and
+  # takes the phases' (dense) convolutions for its gradients; TPU and CPU
+  # keep a dilated input gradient. Without custom gradients CUDA runs the phases
+  # throughout, and forward mode works.
+  m = layers.conv(4, 3, padding=2, dilation=2)
+  x = jnp.asarray(_rng(18).standard_normal((2, 12, 11, 3)), jnp.float32)
+  v = m.init(jax.random.key(0), x)
+  grad = lambda v, x: jax.grad(lambda v, x: jnp.sum(m.apply(v, x) ** 2),  # noqa: E731
+                               (0, 1))(v, x)
+  dilated = lambda text: [l for l in text.splitlines()  # noqa: E731
+                          if 'stablehlo.convolution' in l
+                          and 'rhs_dilate = [2, 2]' in l]
+  assert len(dilated(_hlo(m.apply, v, x, platform='cuda'))) == 1
+  # The forward (the loss needs it) is the only dilated one; the input and
+  # kernel gradients are dense convolutions of the phases.
+  text = _hlo(grad, v, x, platform='cuda')
+  assert len(dilated(text)) == 1 and text.count('stablehlo.convolution') == 3
+  for platform in ('tpu', 'cpu'):
+    assert len(dilated(_hlo(grad, v, x, platform=platform))) == 2, platform
+  try:
+    layers.set_cpu_conv_gradients(False)
+    assert not dilated(_hlo(m.apply, v, x, platform='cuda'))
+    tangent = jax.tree.map(jnp.ones_like, v)
+    _, t = jax.jvp(lambda v: m.apply(v, x), (v,), (tangent,))
+    assert t.shape == (2, 12, 11, 4)
+  finally:
+    layers.set_cpu_conv_gradients(True)
+
+
+def test_wide_kernel_rule_on_cuda():
+  # FCN's fc6 (7x7 over >= 256 channels), lowered for CUDA: the forward is
+  # the patches' matmul (no convolution), the gradients XLA's convolutions;
+  # TPU keeps the convolution. Values and gradients as the convolution's.
+  m = layers.conv(8, 7)
+  x = jnp.asarray(_rng(19).standard_normal((2, 9, 8, 256)), jnp.float32)
+  v = m.init(jax.random.key(0), x)
+  loss = lambda v, x: jnp.sum(m.apply(v, x) ** 2)  # noqa: E731
+  grad = jax.grad(loss, (0, 1))
+  text = _hlo(m.apply, v, x, platform='cuda')
+  assert 'stablehlo.convolution' not in text and 'dot_general' in text
+  assert _hlo(grad, v, x, platform='cuda').count('stablehlo.convolution') == 2
+  assert 'stablehlo.convolution' in _hlo(m.apply, v, x, platform='tpu')
+  k = v['params']['kernel']
+  plain = functools.partial(
+      jax.lax.conv_general_dilated, window_strides=(1, 1),
+      padding=((0, 0), (0, 0)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  cols = functools.partial(cpu_conv._fwd_cols, pads=((0, 0), (0, 0)),
+                           dil=(1, 1))
+  mixed = functools.partial(cpu_conv._forward_with_gradient_of, cols, plain)
+  cot = jnp.asarray(_rng(20).standard_normal((2, 3, 2, 8)), jnp.float32)
+  y, vjp_ref = jax.vjp(plain, x, k)
+  got, vjp_got = jax.vjp(mixed, x, k)
+  for a, b in [(got, y), *zip(vjp_got(cot), vjp_ref(cot))]:
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-4 * np.abs(np.asarray(b)).max())
+
+
 def test_conv_transpose_output_padding_must_be_small():
   with pytest.raises(ValueError, match='output_padding'):
     layers.ConvTranspose(2, 3, 2, output_padding=2).init(
@@ -610,6 +709,27 @@ def test_resize_bilinear(h, w, oh, ow, align):
   if not align:
     ref = jax.image.resize(x, (2, oh, ow, 3), 'bilinear', antialias=False)
     np.testing.assert_allclose(y, np.asarray(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize('align', [False, True])
+def test_resize_bilinear_off_cpu_is_matmuls(align):
+  # Off CPU the bilinear blend is a matmul with the interpolation matrix
+  # (its gradient a matmul, not the gathers' scatter-add); values as the
+  # gathers' (what the CPU runs).
+  x = jnp.asarray(_rng(21).standard_normal((2, 5, 7, 3)), jnp.float32)
+  for axis, n in ((1, 23), (2, 4)):
+    i0, i1, w1 = layers._linear_weights(x.shape[axis], n, align)
+    got = layers._lerp_matmul(
+        x, axis, layers._lerp_matrix(i0, i1, w1, x.shape[axis]))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(
+        layers._lerp_axis(x, axis, n, align)), rtol=1e-6, atol=1e-6)
+  grad = jax.grad(lambda x: jnp.sum(layers.resize(x, (23, 4), 'bilinear',
+                                                  align) ** 2))
+  for platform in ('cuda', 'tpu'):
+    text = _hlo(grad, x, platform=platform)
+    assert 'gather' not in text and 'scatter' not in text, platform
+    assert 'dot_general' in text, platform
+  assert 'gather' in _hlo(grad, x, platform='cpu')
 
 
 def test_resize_bf16_and_errors():

@@ -40,9 +40,13 @@ compile time is.
 
 All of this applies only when the program is lowered for CPU
 (``lax.platform_dependent``); GPUs and TPUs run XLA's own convolutions,
-except for one rule of :func:`auto_conv` that applies only off CPU: a narrow
-convolution padded beyond its kernel's reach (FCN's ``conv1_1``) is computed
-from im2col patches, whose weight gradient XLA:GPU runs 50x faster.
+except for three rules of :func:`auto_conv` that apply only off CPU, each
+where XLA:GPU picked a slow cuDNN kernel: a narrow convolution padded beyond
+its kernel's reach (FCN's ``conv1_1``) is computed from im2col patches
+(GPU and TPU), whose weight gradient XLA:GPU runs 50x faster; on CUDA, an
+atrous convolution's gradients are those of its dense phases (space to
+batch, :func:`_conv_phases`), and a 7x7 kernel over wide inputs (FCN's
+``fc6``) has the patches' matmul as its forward.
 Values are equal up to float summation order (tests). The other
 replacements are ``jax.custom_vjp`` rules, so forward-mode differentiation
 (``jax.jvp``, ``jax.linearize``) through a routed convolution raises; call
@@ -542,6 +546,84 @@ def _wide_narrow(rhs, padding, **kwargs) -> bool:
       int(v) > r for (lo, hi), r in zip(padding, reach) for v in (lo, hi))
 
 
+def _dilated_phases(lhs, rhs, window_strides, padding, **kwargs) -> bool:
+  """A stride-1 atrous convolution (``rhs_dilation`` > 1) whose low padding
+  is a multiple of the dilation: DeepLab's and PSPNet's ``padding =
+  dilation`` 3x3 convolutions, which :func:`_conv_phases` computes."""
+  dil = tuple(kwargs.get('rhs_dilation') or (1, 1))
+  if (max(dil) == 1 or max(rhs.shape[:2]) == 1
+      or tuple(window_strides) != (1, 1)
+      or isinstance(padding, str) or not _plain_nhwc(lhs, rhs, **kwargs)):
+    return False
+  return all(int(lo) >= 0 and int(hi) >= 0 and int(lo) % d == 0
+             for (lo, hi), d in zip(padding, dil))
+
+
+def _conv_phases(x, w, pads, dil):
+  """An atrous convolution as a dense one over its ``dh * dw`` phases (space
+  to batch): output pixel ``(d*q + r)`` reads only input pixels ``d*(q +
+  u) + r - lo``, phase ``r`` of the input, so each phase is a plain
+  ``k x k`` convolution with padding ``lo / d`` and the phases interleave
+  back, so cuDNN's dense kernels run it and its gradients
+  (experiments/RESULTS.md, attempt 41). Needs stride 1 and ``lo % d ==
+  0``."""
+  b, h, wd, c = x.shape
+  kh, kw = w.shape[:2]
+  (lo_h, hi_h), (lo_w, hi_w) = pads
+  dh, dw = dil
+  out_h = h + lo_h + hi_h - dh * (kh - 1)
+  out_w = wd + lo_w + hi_w - dw * (kw - 1)
+  # Zero rows at the end so that every phase has ceil(H / d) rows.
+  eh, ew = -h % dh, -wd % dw
+  x = _pad_input(x, ((0, eh), (0, ew)))
+  hq, wq = (h + eh) // dh, (wd + ew) // dw
+  phases = x.reshape(b, hq, dh, wq, dw, c).transpose(2, 4, 0, 1, 3, 5)
+  phases = phases.reshape(dh * dw * b, hq, wq, c)
+  # Per phase: as many output rows as the widest phase needs.
+  oq_h, oq_w = -(-out_h // dh), -(-out_w // dw)
+  ph = ((lo_h // dh, oq_h + kh - 1 - hq - lo_h // dh),
+        (lo_w // dw, oq_w + kw - 1 - wq - lo_w // dw))
+  y = jax.lax.conv_general_dilated(phases, w, (1, 1), ph,
+                                   dimension_numbers=_NHWC)
+  co = y.shape[-1]
+  y = y.reshape(dh, dw, b, oq_h, oq_w, co).transpose(2, 3, 0, 4, 1, 5)
+  return y.reshape(b, oq_h * dh, oq_w * dw, co)[:, :out_h, :out_w]
+
+
+def _wide_kernel(rhs) -> bool:
+  """A large kernel over many channels (at least 7x7 taps and 256 input
+  channels: FCN's fc6, 7x7 x 512 -> 4096 on a 16x16 map). Inside XLA:GPU's
+  inference program its forward fused with the bias and ReLU ran in a
+  generic cuDNN kernel, 21.5 ms of FCN-8s's 27.8 ms at 500x500 batch 8 in
+  bfloat16 on an H200 (experiments/RESULTS.md, attempt 43; the same fused
+  form of a 3x3 layer took 1.1 ms)."""
+  kh, kw, c_in, _ = rhs.shape
+  return kh * kw >= 49 and c_in >= 256
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _forward_with_gradient_of(forward, gradient_form, x, w):
+  """``forward(x, w)``, differentiated as ``gradient_form`` (the same
+  convolution written another way) is: each form where it runs fastest."""
+  del gradient_form
+  return forward(x, w)
+
+
+def _forward_with_gradient_of_fwd(forward, gradient_form, x, w):
+  del gradient_form
+  return forward(x, w), (x, w)
+
+
+def _forward_with_gradient_of_bwd(forward, gradient_form, res, g):
+  del forward
+  _, vjp = jax.vjp(gradient_form, *res)
+  return vjp(g.astype(jax.eval_shape(gradient_form, *res).dtype))
+
+
+_forward_with_gradient_of.defvjp(_forward_with_gradient_of_fwd,
+                                 _forward_with_gradient_of_bwd)
+
+
 def auto_conv(lhs, rhs, window_strides, padding, **kwargs):
   """What ``layers.conv`` uses: ``lax.conv_general_dilated`` that, when
   lowered for CPU, computes 1x1 convolutions as matmuls (:func:`pointwise`)
@@ -555,6 +637,24 @@ def auto_conv(lhs, rhs, window_strides, padding, **kwargs):
   convolution whose window is the whole output gradient: 55 ms at FCN-8s's
   500x500 batch 8 in bfloat16 on an H200, against 1.1 ms for the patches'
   matmul (experiments/RESULTS.md, attempt 39).
+
+  On CUDA only (measured on an H200; TPUs keep XLA's forms):
+
+  * an atrous convolution (:func:`_dilated_phases`) keeps XLA's forward
+    and is differentiated as its dense phases (:func:`_conv_phases`):
+    PSPNet's 3x3 dilation-2 and -4 layers on 8x60x60 x 256 / 512 took 1.4 /
+    2.8 ms forward and backward, 0.30 / 0.60 so (PyTorch's 0.67 / 1.11);
+    PSPNet's train step, with attempt 42's resizing, 44.5 -> 29.7 ms
+    (attempt 41);
+  * a 7x7 kernel over at least 256 channels (:func:`_wide_kernel`: FCN's
+    ``fc6``) has the patches' matmul as its forward and XLA's gradients:
+    in the inference program XLA:GPU ran its forward with the fused bias
+    and ReLU in a generic kernel, 21.5 ms; FCN-8s's inference 27.8 -> 7.1
+    ms (attempt 43).
+
+  These use :func:`_forward_with_gradient_of`, a custom VJP; with
+  ``set_cpu_conv_gradients(False)`` the atrous rule runs the phases in both
+  directions and the ``fc6`` rule is off, so forward mode works.
   """
   plain = functools.partial(jax.lax.conv_general_dilated,
                             window_strides=window_strides, padding=padding,
@@ -566,15 +666,35 @@ def auto_conv(lhs, rhs, window_strides, padding, **kwargs):
     default = functools.partial(
         _fwd_cols, dil=dil, strides=tuple(window_strides),
         pads=_explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil))
+  gpu = {}
+  custom = custom_gradients_enabled()
+  if _dilated_phases(lhs, rhs, window_strides, padding, **kwargs):
+    # XLA's atrous forward, the phases' gradients (forward mode: phases).
+    phases = functools.partial(
+        _conv_phases, pads=tuple(tuple(int(v) for v in p) for p in padding),
+        dil=tuple(kwargs['rhs_dilation']))
+    gpu['cuda'] = (functools.partial(_forward_with_gradient_of, plain, phases)
+                   if custom else phases)
+  elif _plain_nhwc(lhs, rhs, **kwargs) and _wide_kernel(rhs):
+    # The patches' matmul forward, XLA's gradients (forward mode: XLA's).
+    dil = tuple(kwargs.get('rhs_dilation') or (1, 1))
+    cols = functools.partial(
+        _fwd_cols, dil=dil, strides=tuple(window_strides),
+        pads=_explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil))
+    if custom:
+      gpu['cuda'] = functools.partial(_forward_with_gradient_of, cols, plain)
   if pointwise(lhs, rhs, window_strides, padding, **kwargs):
     fast = functools.partial(_pointwise_conv, strides=tuple(window_strides))
-    return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=default)
+    return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=default,
+                                      **gpu)
   modes = cpu_modes(lhs, rhs, window_strides, padding, **kwargs)
   if modes is None:
-    if default is plain:
+    if default is plain and not gpu:
       return plain(lhs, rhs)
-    return jax.lax.platform_dependent(lhs, rhs, cpu=plain, default=default)
+    return jax.lax.platform_dependent(lhs, rhs, cpu=plain, default=default,
+                                      **gpu)
   fast = functools.partial(_routed, padding=padding,
                            rhs_dilation=kwargs.get('rhs_dilation'),
                            modes=modes)
-  return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=default)
+  return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=default,
+                                    **gpu)

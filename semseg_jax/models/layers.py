@@ -640,12 +640,47 @@ def _lerp_axis(x: Array, axis: int, n_out: int, align_corners: bool) -> Array:
   if n_in == n_out:  # identity in every torch mode
     return x
   i0, i1, w1 = _linear_weights(n_in, n_out, align_corners)
-  shape = [1] * x.ndim
-  shape[axis] = n_out
-  w1 = jnp.asarray(w1, jnp.float32).reshape(shape)
-  a = jnp.take(x, jnp.asarray(i0), axis=axis).astype(jnp.float32)
-  b = jnp.take(x, jnp.asarray(i1), axis=axis).astype(jnp.float32)
-  return (a * (1.0 - w1) + b * w1).astype(x.dtype)
+
+  def gathers(x):
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    w = jnp.asarray(w1, jnp.float32).reshape(shape)
+    a = jnp.take(x, jnp.asarray(i0), axis=axis).astype(jnp.float32)
+    b = jnp.take(x, jnp.asarray(i1), axis=axis).astype(jnp.float32)
+    return (a * (1.0 - w) + b * w).astype(x.dtype)
+
+  # Off CPU: a matmul with the [n_out, n_in] interpolation matrix, whose
+  # gradient is a matmul too. The gathers' gradient is a scatter-add, which
+  # XLA:GPU runs with atomics (PSPNet's upsamplings at 473x473 batch 8:
+  # ~3.3 ms of scatters per train step on an H200; experiments/RESULTS.md,
+  # attempt 42). Gathers everywhere when the matrix would be large.
+  if n_in * n_out > _LERP_MATRIX_MAX:
+    return gathers(x)
+  return jax.lax.platform_dependent(
+      x, cpu=gathers,
+      default=lambda x: _lerp_matmul(x, axis, _lerp_matrix(i0, i1, w1,
+                                                           n_in)))
+
+
+# Largest interpolation matrix (entries) that _lerp_axis uses off CPU: 16 MiB.
+_LERP_MATRIX_MAX = 1 << 22
+
+
+def _lerp_matrix(i0, i1, w1, n_in) -> np.ndarray:
+  """``[n_out, n_in]`` float32: row ``o`` blends ``x[i0[o]]`` and
+  ``x[i1[o]]`` as :func:`_lerp_axis`'s gathers do."""
+  m = np.zeros((len(i0), n_in), np.float32)
+  rows = np.arange(len(i0))
+  m[rows, i0] += np.float32(1) - w1
+  m[rows, i1] += w1
+  return m
+
+
+def _lerp_matmul(x: Array, axis: int, m: np.ndarray) -> Array:
+  """``x`` with ``axis`` replaced by ``m @ x`` along it, in float32."""
+  y = jnp.tensordot(jnp.asarray(m), x.astype(jnp.float32), ((1,), (axis,)),
+                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.moveaxis(y, 0, axis).astype(x.dtype)
 
 
 def resize(x: Array, hw: Sequence[int], method: str = 'bilinear',
@@ -664,7 +699,9 @@ def resize(x: Array, hw: Sequence[int], method: str = 'bilinear',
     align_corners: only for ``'bilinear'``.
 
   Returns:
-    ``[B, H', W', C]`` in ``x.dtype`` (bilinear blends in float32).
+    ``[B, H', W', C]`` in ``x.dtype`` (bilinear blends in float32: on CPU
+    from two gathers per axis, elsewhere as a float32 matmul with the
+    interpolation matrix, whose gradient needs no scatter).
   """
   hh, ww = (int(v) for v in hw)
   if hh < 1 or ww < 1:
