@@ -1,4 +1,4 @@
-"""Where a train step's device time goes: kernels summed over a few steps.
+"""Where a train step's (or ``--infer``: inference's) device time goes.
 
     PYTHONPATH=. python experiments/bench/step_profile.py --models=fcn8s,unet \\
         --sizes=paper --batch=8 --dtype=bfloat16 --out=runs/bench/profile
@@ -50,10 +50,12 @@ def device_lines(trace: dict, device: str) -> dict[str, list[dict]]:
 
 def summarize(events, steps: int, top: int) -> dict:
   by_name = collections.defaultdict(lambda: [0.0, 0])
+  args = {}  # the first event's arguments per name (its HLO op, if given)
   for e in events:
     rec = by_name[e['name']]
     rec[0] += float(e['dur'])
     rec[1] += 1
+    args.setdefault(e['name'], e.get('args') or {})
   total = sum(v[0] for v in by_name.values())
   rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
   return {'ms_per_step': round(total / 1e3 / steps, 3),
@@ -61,7 +63,8 @@ def summarize(events, steps: int, top: int) -> dict:
                                    / steps, 1),
           'top': [{'name': n[:160], 'ms_per_step': round(t / 1e3 / steps, 3),
                    'share': round(t / max(total, 1e-9), 4),
-                   'calls_per_step': round(c / steps, 1)}
+                   'calls_per_step': round(c / steps, 1),
+                   'args': {k: str(v)[:300] for k, v in args[n].items()}}
                   for n, (t, c) in rows]}
 
 
@@ -70,17 +73,28 @@ def profile_one(name, k, hw, options, args) -> dict:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(args.batch, *hw, 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, k, (args.batch, *hw)), jnp.int32)
-  train, _, state = bench.build_steps(model, x, y)
+  train, infer, state = bench.build_steps(model, x, y)
   key = jax.random.key(1)
-  compiled = train.lower(state, x, y, key).compile()
+  if args.infer:
+    compiled = infer.lower(state, x).compile()
+    step = lambda state: (state, compiled(state, x))  # noqa: E731
+  else:
+    compiled = train.lower(state, x, y, key).compile()
+    step = lambda state: compiled(state, x, y, key)  # noqa: E731
   for _ in range(3):
-    state, loss = compiled(state, x, y, key)
-  jax.block_until_ready(loss)
+    state, out = step(state)
+  jax.block_until_ready(out)
   log_dir = tempfile.mkdtemp(prefix='semseg_profile_')
   with jax.profiler.trace(log_dir):
     for _ in range(args.steps):
-      state, loss = compiled(state, x, y, key)
-    jax.block_until_ready(loss)
+      state, out = step(state)
+    jax.block_until_ready(out)
+  mode = 'infer' if args.infer else 'train'
+  if args.out:  # the program, to look up the events' HLO instructions
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(f'{args.out}.{name}_{hw[0]}x{hw[1]}_{mode}.hlo.txt', 'w',
+              encoding='utf-8') as f:
+      f.write(compiled.as_text())
   files = glob.glob(os.path.join(log_dir, '**', '*.trace.json.gz'),
                     recursive=True)
   if not files:
@@ -91,7 +105,8 @@ def profile_one(name, k, hw, options, args) -> dict:
   summaries = {line: summarize(ev, args.steps, args.top)
                for line, ev in lines.items()}
   busiest = sorted(summaries, key=lambda l: -summaries[l]['ms_per_step'])
-  return {'model': name, 'size': f'{hw[0]}x{hw[1]}', 'batch': args.batch,
+  return {'model': name, 'mode': mode, 'size': f'{hw[0]}x{hw[1]}',
+          'batch': args.batch,
           'dtype': args.dtype, 'steps': args.steps,
           'lines': {l: summaries[l] for l in busiest[:args.lines]}}
 
@@ -100,7 +115,8 @@ def markdown(rows) -> str:
   out = []
   for r in rows:
     for line, v in r['lines'].items():
-      out += [f"{r['model']} {r['size']} batch {r['batch']} {r['dtype']}, "
+      out += [f"{r['model']} {r.get('mode', 'train')} {r['size']} batch "
+              f"{r['batch']} {r['dtype']}, "
               f"line `{line}`: {v['ms_per_step']} ms of events per step, "
               f"{v['events_per_step']} events", '',
               '| event | ms/step | share | calls/step |', '|---|---|---|---|']
@@ -120,7 +136,12 @@ def main(argv=None):
                  'busiest first')
   p.add_argument('--device', default='/device:GPU',
                  help="trace processes to sum ('/host:CPU' on a CPU)")
-  p.add_argument('--out', default='')
+  p.add_argument('--infer', action='store_true',
+                 help='profile the inference function instead of the train '
+                 'step')
+  p.add_argument('--out', default='',
+                 help='results prefix (.json, .md; and the compiled '
+                 'programs as .<model>_<size>_<mode>.hlo.txt)')
   args = p.parse_args(argv)
   table = bench._network_table()  # pylint: disable=protected-access
   rows = []
