@@ -1,4 +1,5 @@
 """Tests of semseg_jax.models.layers against independent numpy references."""
+import contextlib
 import functools
 import itertools
 
@@ -238,6 +239,24 @@ def test_conv_transpose_native_gradient_equals_autodiff(k, s, p, op, dtype):
                                atol=tol * np.abs(b).max())
 
 
+@contextlib.contextmanager
+def _plain_gradients():
+  """``set_cpu_conv_gradients(False)`` for the block, restored after."""
+  layers.set_cpu_conv_gradients(False)
+  try:
+    yield
+  finally:
+    layers.set_cpu_conv_gradients(True)
+
+
+def _jvp_shape(apply, variables, x):
+  """The tangent's shape of ``apply(variables, x)`` under ``jax.jvp``
+  (raises where a custom VJP is in the way)."""
+  tangent = jax.tree.map(jnp.ones_like, variables)
+  _, t = jax.jvp(lambda v: apply(v, x), (variables,), (tangent,))
+  return t.shape
+
+
 def _exported_convs(fn, *args, platform):
   """The stablehlo.convolution lines of ``fn`` lowered for ``platform``."""
   from jax import export  # pylint: disable=import-outside-toplevel
@@ -262,16 +281,11 @@ def test_conv_transpose_kernel_gradient_is_backward_filter_off_cpu(platform):
   assert len(convs) == 3
   assert sum('lhs_dilate' in c for c in convs) == 1
   assert sum('rhs_dilate = [2, 2]' in c for c in convs) == 1
-  try:
-    layers.set_cpu_conv_gradients(False)
+  with _plain_gradients():
     convs = _exported_convs(grads(), v, x, platform=platform)
     assert sum('lhs_dilate' in c for c in convs) == 2
     # Without the custom rule, forward-mode autodiff works.
-    tangent = jax.tree.map(jnp.ones_like, v)
-    _, jvp = jax.jvp(lambda v: mod.apply(v, x), (v,), (tangent,))
-    assert jvp.shape == (2, 10, 12, 4)
-  finally:
-    layers.set_cpu_conv_gradients(True)
+    assert _jvp_shape(mod.apply, v, x) == (2, 10, 12, 4)
 
 
 @pytest.mark.parametrize('k,s,pads,d,dtype', [
@@ -394,14 +408,9 @@ def test_atrous_rule_on_cuda():
   assert len(dilated(text)) == 1 and text.count('stablehlo.convolution') == 3
   for platform in ('tpu', 'cpu'):
     assert len(dilated(_hlo(grad, v, x, platform=platform))) == 2, platform
-  try:
-    layers.set_cpu_conv_gradients(False)
+  with _plain_gradients():
     assert not dilated(_hlo(m.apply, v, x, platform='cuda'))
-    tangent = jax.tree.map(jnp.ones_like, v)
-    _, t = jax.jvp(lambda v: m.apply(v, x), (v,), (tangent,))
-    assert t.shape == (2, 12, 11, 4)
-  finally:
-    layers.set_cpu_conv_gradients(True)
+    assert _jvp_shape(m.apply, v, x) == (2, 12, 11, 4)
 
 
 def test_wide_kernel_rule_on_cuda():
@@ -933,14 +942,9 @@ def test_large_maps_get_strip_weight_gradients_on_cpu():
     big = big or (variables, x)
   variables, x = big
   assert 'custom_vjp' in str(jax.make_jaxpr(module.apply)(variables, x))
-  try:
-    layers.set_cpu_conv_gradients(False)
+  with _plain_gradients():
     assert 'custom_vjp' not in str(jax.make_jaxpr(module.apply)(variables, x))
-    tangent = jax.tree.map(jnp.ones_like, variables)
-    _, jvp = jax.jvp(lambda v: module.apply(v, x), (variables,), (tangent,))
-    assert jvp.shape == (2, 48, 48, 64)
-  finally:
-    layers.set_cpu_conv_gradients(True)
+    assert _jvp_shape(module.apply, variables, x) == (2, 48, 48, 64)
 
 
 def test_fast_conv_threshold_routes_conv_modules():
@@ -1067,12 +1071,9 @@ def test_cpu_modes_follow_the_measured_rules(x, w, padding, stride, expect):
             feature_group_count=1, precision=None)
   assert cpu_conv.cpu_modes(lhs, rhs, (stride, stride), padding,
                             **kw) == expect
-  try:
-    layers.set_cpu_conv_gradients(False)
+  with _plain_gradients():
     assert cpu_conv.cpu_modes(lhs, rhs, (stride, stride), padding,
                               **kw) is None
-  finally:
-    layers.set_cpu_conv_gradients(True)
 
 
 def test_cpu_modes_with_symbolic_shapes():
@@ -1123,10 +1124,7 @@ def test_pointwise_convs_are_matmuls_on_cpu(stride, padding, hw, dtype):
   hlo = jax.jit(jax.value_and_grad(fast, (0, 1))).lower(x, w).compile().as_text()
   assert 'convolution(' not in hlo and 'dot(' in hlo
   assert not cpu_conv.pointwise(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=nhwc)
-  try:
-    layers.set_cpu_conv_gradients(False)
+  with _plain_gradients():
     assert not cpu_conv.pointwise(x, w, (stride, stride), padding, dimension_numbers=nhwc)
     hlo = jax.jit(jax.value_and_grad(fast, (0, 1))).lower(x, w).compile().as_text()
     assert 'convolution(' in hlo
-  finally:
-    layers.set_cpu_conv_gradients(True)
