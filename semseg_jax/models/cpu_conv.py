@@ -533,27 +533,24 @@ def _pointwise_conv(x, w, strides):
                              (((3,), (0,)), ((), ())))
 
 
-def _wide_narrow(rhs, padding, **kwargs) -> bool:
+def _wide_narrow(rhs, padding, dil) -> bool:
   """Zero padding beyond the kernel's reach ``d * (k - 1)`` on some side, on
   an input of few channels (``kh * kw * C_in <= 64``): FCN's ``conv1_1``
   (3 channels, 100 pixels around a 3x3 kernel)."""
   if isinstance(padding, str):
     return False
   kh, kw, c_in, _ = rhs.shape
-  dil = kwargs.get('rhs_dilation') or (1, 1)
   reach = [d * (k - 1) for d, k in zip(dil, (kh, kw))]
   return kh * kw * c_in <= 64 and any(
       int(v) > r for (lo, hi), r in zip(padding, reach) for v in (lo, hi))
 
 
-def _dilated_phases(lhs, rhs, window_strides, padding, **kwargs) -> bool:
+def _dilated_phases(rhs, window_strides, padding, dil) -> bool:
   """A stride-1 atrous convolution (``rhs_dilation`` > 1) whose low padding
   is a multiple of the dilation: DeepLab's and PSPNet's ``padding =
   dilation`` 3x3 convolutions, which :func:`_conv_phases` computes."""
-  dil = tuple(kwargs.get('rhs_dilation') or (1, 1))
   if (max(dil) == 1 or max(rhs.shape[:2]) == 1
-      or tuple(window_strides) != (1, 1)
-      or isinstance(padding, str) or not _plain_nhwc(lhs, rhs, **kwargs)):
+      or tuple(window_strides) != (1, 1) or isinstance(padding, str)):
     return False
   return all(int(lo) >= 0 and int(hi) >= 0 and int(lo) % d == 0
              for (lo, hi), d in zip(padding, dil))
@@ -616,8 +613,7 @@ def _forward_with_gradient_of_fwd(forward, gradient_form, x, w):
 
 def _forward_with_gradient_of_bwd(forward, gradient_form, res, g):
   del forward
-  _, vjp = jax.vjp(gradient_form, *res)
-  return vjp(g.astype(jax.eval_shape(gradient_form, *res).dtype))
+  return jax.vjp(gradient_form, *res)[1](g)
 
 
 _forward_with_gradient_of.defvjp(_forward_with_gradient_of_fwd,
@@ -659,42 +655,36 @@ def auto_conv(lhs, rhs, window_strides, padding, **kwargs):
   plain = functools.partial(jax.lax.conv_general_dilated,
                             window_strides=window_strides, padding=padding,
                             **kwargs)
-  default = plain
-  if _plain_nhwc(lhs, rhs, **kwargs) and _wide_narrow(rhs, padding,
-                                                      **kwargs):
-    dil = tuple(kwargs.get('rhs_dilation') or (1, 1))
-    default = functools.partial(
-        _fwd_cols, dil=dil, strides=tuple(window_strides),
-        pads=_explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil))
+  dil = tuple(kwargs.get('rhs_dilation') or (1, 1))
+  nhwc = _plain_nhwc(lhs, rhs, **kwargs)
+
+  def pads():  # not for every call: 'SAME' of symbolic sizes may not resolve
+    return _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil)
+
+  def cols():
+    return functools.partial(_fwd_cols, dil=dil,
+                             strides=tuple(window_strides), pads=pads())
+
+  default = cols() if nhwc and _wide_narrow(rhs, padding, dil) else plain
   gpu = {}
   custom = custom_gradients_enabled()
-  if _dilated_phases(lhs, rhs, window_strides, padding, **kwargs):
+  if nhwc and _dilated_phases(rhs, window_strides, padding, dil):
     # XLA's atrous forward, the phases' gradients (forward mode: phases).
-    phases = functools.partial(
-        _conv_phases, pads=tuple(tuple(int(v) for v in p) for p in padding),
-        dil=tuple(kwargs['rhs_dilation']))
+    phases = functools.partial(_conv_phases, dil=dil, pads=pads())
     gpu['cuda'] = (functools.partial(_forward_with_gradient_of, plain, phases)
                    if custom else phases)
-  elif _plain_nhwc(lhs, rhs, **kwargs) and _wide_kernel(rhs):
-    # The patches' matmul forward, XLA's gradients (forward mode: XLA's).
-    dil = tuple(kwargs.get('rhs_dilation') or (1, 1))
-    cols = functools.partial(
-        _fwd_cols, dil=dil, strides=tuple(window_strides),
-        pads=_explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], dil))
-    if custom:
-      gpu['cuda'] = functools.partial(_forward_with_gradient_of, cols, plain)
+  elif nhwc and custom and _wide_kernel(rhs):
+    # The patches' matmul forward, XLA's gradients.
+    gpu['cuda'] = functools.partial(_forward_with_gradient_of, cols(), plain)
   if pointwise(lhs, rhs, window_strides, padding, **kwargs):
-    fast = functools.partial(_pointwise_conv, strides=tuple(window_strides))
-    return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=default,
-                                      **gpu)
-  modes = cpu_modes(lhs, rhs, window_strides, padding, **kwargs)
-  if modes is None:
-    if default is plain and not gpu:
-      return plain(lhs, rhs)
-    return jax.lax.platform_dependent(lhs, rhs, cpu=plain, default=default,
-                                      **gpu)
-  fast = functools.partial(_routed, padding=padding,
-                           rhs_dilation=kwargs.get('rhs_dilation'),
-                           modes=modes)
-  return jax.lax.platform_dependent(lhs, rhs, cpu=fast, default=default,
-                                    **gpu)
+    cpu = functools.partial(_pointwise_conv, strides=tuple(window_strides))
+  elif (modes := cpu_modes(lhs, rhs, window_strides, padding,
+                           **kwargs)) is not None:
+    cpu = functools.partial(_routed, padding=padding,
+                            rhs_dilation=kwargs.get('rhs_dilation'),
+                            modes=modes)
+  elif default is plain and not gpu:
+    return plain(lhs, rhs)
+  else:
+    cpu = plain
+  return jax.lax.platform_dependent(lhs, rhs, cpu=cpu, default=default, **gpu)
