@@ -88,12 +88,13 @@ def parse_sizes(text: str, paper: tuple[int, int]) -> list[tuple[int, int]]:
   return sizes
 
 
-def timed(fn, n: int) -> list[float]:
-  """Seconds of ``n`` calls of ``fn`` (each blocks until ready)."""
+def timed(fn, n: int, sync=jax.block_until_ready) -> list[float]:
+  """Seconds of ``n`` calls of ``fn``, each waited for with ``sync`` (its
+  result's ``block_until_ready``; PyTorch's ``cuda.synchronize``)."""
   out = []
   for _ in range(n):
     t = time.perf_counter()
-    jax.block_until_ready(fn())
+    sync(fn())
     out.append(time.perf_counter() - t)
   return out
 

@@ -46,7 +46,6 @@ import os
 import re
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -131,14 +130,8 @@ def _cudnn_calls(compiled) -> str:
 
 
 def _median_ms(fn, warmup, repeats, sync=jax.block_until_ready):
-  for _ in range(warmup):
-    sync(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    sync(fn())
-    times.append(time.perf_counter() - t)
-  return round(1e3 * statistics.median(times), 3)
+  bench.timed(fn, warmup, sync)
+  return round(1e3 * statistics.median(bench.timed(fn, repeats, sync)), 3)
 
 
 def _rel_err(a, b) -> float:

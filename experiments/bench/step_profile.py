@@ -115,7 +115,7 @@ def markdown(rows) -> str:
   out = []
   for r in rows:
     for line, v in r['lines'].items():
-      out += [f"{r['model']} {r.get('mode', 'train')} {r['size']} batch "
+      out += [f"{r['model']} {r['mode']} {r['size']} batch "
               f"{r['batch']} {r['dtype']}, "
               f"line `{line}`: {v['ms_per_step']} ms of events per step, "
               f"{v['events_per_step']} events", '',
