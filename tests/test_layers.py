@@ -206,6 +206,28 @@ def test_conv_transpose_phases_equal_dilated_input_form(k, s, p, op):
     assert 'lhs_dilate' not in hlo
 
 
+def _assert_same_vjp(form, ref, x, w, rng, tol):
+  """``form``'s values and gradients in ``x`` and ``w`` (under one random
+  cotangent from ``rng``) equal ``ref``'s: same shapes and dtypes, values
+  within ``tol`` of each reference relative to its largest magnitude."""
+  y, vjp_ref = jax.vjp(ref, x, w)
+  got, vjp_got = jax.vjp(form, x, w)
+  cot = jnp.asarray(rng.standard_normal(y.shape), y.dtype)
+  for a, b in [(got, y), *zip(vjp_got(cot), vjp_ref(cot))]:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    b = np.asarray(b, np.float32)
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol,
+                               atol=tol * np.abs(b).max())
+
+
+def _hlo(fn, *args, platform):
+  """``fn`` jitted and exported for ``platform`` (no device needed), as
+  StableHLO text."""
+  from jax import export  # pylint: disable=import-outside-toplevel
+  return export.export(jax.jit(fn), platforms=(platform,))(
+      *args).mlir_module()
+
+
 @pytest.mark.parametrize('k,s,p,op,dtype', [
     (2, 2, 0, 0, 'float32'), (4, 2, 1, 0, 'float32'),
     (3, 2, 1, 1, 'float32'), (16, 8, 0, 0, 'float32'),
@@ -225,18 +247,10 @@ def test_conv_transpose_native_gradient_equals_autodiff(k, s, p, op, dtype):
   dilated = lambda x, w: layers._conv_transpose_lhs_dilated(
       x, w, sp, pp, opp, (1, 1))
   native = lambda x, w: layers._conv_transpose_native(x, w, sp, pp, opp)
-  ref, vjp_ref = jax.vjp(dilated, x, w)
-  got, vjp_got = jax.vjp(native, x, w)
-  assert got.shape == ref.shape and got.dtype == ref.dtype
-  np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                np.asarray(ref, np.float32))
-  cot = jnp.asarray(r.standard_normal(ref.shape), dt)
-  tol = 1e-5 if dtype == 'float32' else 2e-2
-  for a, b in zip(vjp_got(cot), vjp_ref(cot)):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    b = np.asarray(b, np.float32)
-    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol,
-                               atol=tol * np.abs(b).max())
+  np.testing.assert_array_equal(np.asarray(native(x, w), np.float32),
+                                np.asarray(dilated(x, w), np.float32))
+  _assert_same_vjp(native, dilated, x, w, r,
+                   1e-5 if dtype == 'float32' else 2e-2)
 
 
 @contextlib.contextmanager
@@ -259,9 +273,8 @@ def _jvp_shape(apply, variables, x):
 
 def _exported_convs(fn, *args, platform):
   """The stablehlo.convolution lines of ``fn`` lowered for ``platform``."""
-  from jax import export  # pylint: disable=import-outside-toplevel
-  text = export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
-  return [l for l in text.splitlines() if 'stablehlo.convolution' in l]
+  return [l for l in _hlo(fn, *args, platform=platform).splitlines()
+          if 'stablehlo.convolution' in l]
 
 
 @pytest.mark.parametrize('platform', ['cuda', 'tpu'])
@@ -305,15 +318,7 @@ def test_patches_conv_equals_conv(k, s, pads, d, dtype):
   kw = dict(rhs_dilation=d, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   ref = lambda x, w: jax.lax.conv_general_dilated(x, w, s, pads, **kw)
   got = lambda x, w: cpu_conv._fwd_cols(x, w, pads, d, strides=s)
-  y, vjp_ref = jax.vjp(ref, x, w)
-  g, vjp_got = jax.vjp(got, x, w)
-  assert g.shape == y.shape and g.dtype == y.dtype
-  tol = 1e-5 if dtype == 'float32' else 2e-2
-  cot = jnp.asarray(r.standard_normal(y.shape), dt)
-  for a, b in [(g, y), *zip(vjp_got(cot), vjp_ref(cot))]:
-    b = np.asarray(b, np.float32)
-    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol,
-                               atol=tol * np.abs(b).max())
+  _assert_same_vjp(got, ref, x, w, r, 1e-5 if dtype == 'float32' else 2e-2)
 
 
 @pytest.mark.parametrize('c_in,padding,patches', [
@@ -335,10 +340,8 @@ def test_wide_padding_rule_off_cpu(c_in, padding, patches):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + v['params']['bias']
   np.testing.assert_allclose(m.apply(v, x), ref, rtol=1e-5, atol=1e-5)
   grad = lambda: jax.grad(lambda v: jnp.sum(m.apply(v, x) ** 2))
-  from jax import export  # pylint: disable=import-outside-toplevel
   for platform in ('cuda', 'tpu', 'cpu'):
-    text = export.export(jax.jit(grad()), platforms=(platform,))(
-        v).mlir_module()
+    text = _hlo(grad(), v, platform=platform)
     convs = text.count('stablehlo.convolution')
     dots = text.count('stablehlo.dot_general')
     if patches and platform != 'cpu':
@@ -370,22 +373,8 @@ def test_atrous_phases_equal_the_dilated_conv(hw, k, pads, d, dtype):
       rhs_dilation=d, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   phases = functools.partial(cpu_conv._conv_phases, pads=pads, dil=d)
   mixed = functools.partial(cpu_conv._forward_with_gradient_of, ref, phases)
-  y, vjp_ref = jax.vjp(ref, x, w)
-  cot = jnp.asarray(r.standard_normal(y.shape), dt)
-  tol = 1e-5 if dtype == 'float32' else 2e-2
   for form in (phases, mixed):
-    got, vjp_got = jax.vjp(form, x, w)
-    assert got.shape == y.shape and got.dtype == y.dtype
-    for a, b in [(got, y), *zip(vjp_got(cot), vjp_ref(cot))]:
-      b = np.asarray(b, np.float32)
-      np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol,
-                                 atol=tol * np.abs(b).max())
-
-
-def _hlo(fn, *args, platform):
-  from jax import export  # pylint: disable=import-outside-toplevel
-  return export.export(jax.jit(fn), platforms=(platform,))(
-      *args).mlir_module()
+    _assert_same_vjp(form, ref, x, w, r, 1e-5 if dtype == 'float32' else 2e-2)
 
 
 def test_atrous_rule_on_cuda():
@@ -433,12 +422,7 @@ def test_wide_kernel_rule_on_cuda():
   cols = functools.partial(cpu_conv._fwd_cols, pads=((0, 0), (0, 0)),
                            dil=(1, 1))
   mixed = functools.partial(cpu_conv._forward_with_gradient_of, cols, plain)
-  cot = jnp.asarray(_rng(20).standard_normal((2, 3, 2, 8)), jnp.float32)
-  y, vjp_ref = jax.vjp(plain, x, k)
-  got, vjp_got = jax.vjp(mixed, x, k)
-  for a, b in [(got, y), *zip(vjp_got(cot), vjp_ref(cot))]:
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                               atol=1e-4 * np.abs(np.asarray(b)).max())
+  _assert_same_vjp(mixed, plain, x, k, _rng(20), 1e-4)
 
 
 def test_conv_transpose_output_padding_must_be_small():
