@@ -493,6 +493,101 @@ def test_conv_bn_act_eval_and_train():
   np.testing.assert_allclose(z.std(axis=(0, 1, 2)), 1, atol=1e-3)
 
 
+@pytest.mark.parametrize('relu,dtype', [(False, 'float32'), (True, 'float32'),
+                                        (True, 'bfloat16')])
+def test_batch_norm_equals_flax(relu, dtype):
+  """layers.BatchNorm (ConvBNAct's) against flax's BatchNorm (+ ReLU): the
+  same variables, outputs, running statistics, and gradients in x, scale
+  and bias (the written-out CPU rule), in training and in eval."""
+  r = _rng(21)
+  dt = jnp.dtype(dtype)
+  x = jnp.asarray(r.standard_normal((3, 5, 7, 6)) * 2 + 1.5, dt)
+  ref = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dt,
+                     param_dtype=jnp.float32)
+  mine = layers.BatchNorm(dtype=dt)
+  v_ref = ref.init(jax.random.key(0), x, use_running_average=True)
+  v = mine.init(jax.random.key(0), x, train=False)
+  assert (jax.tree.map(lambda a: (a.shape, a.dtype), v)
+          == jax.tree.map(lambda a: (a.shape, a.dtype), v_ref))
+  params = {'scale': jnp.asarray(1 + r.random(6), jnp.float32),
+            'bias': jnp.asarray(r.standard_normal(6), jnp.float32)}
+  stats = {'mean': jnp.asarray(r.standard_normal(6), jnp.float32),
+           'var': jnp.asarray(0.5 + r.random(6), jnp.float32)}
+  act = jax.nn.relu if relu else (lambda y: y)
+
+  def run_ref(p, x, train):
+    y, new = ref.apply({'params': p, 'batch_stats': stats}, x,
+                       use_running_average=not train,
+                       mutable=['batch_stats'])
+    return act(y), new
+
+  def run_mine(p, x, train):
+    return mine.apply({'params': p, 'batch_stats': stats}, x, train=train,
+                      relu=relu, mutable=['batch_stats'])
+
+  tol = 1e-5 if dtype == 'float32' else 2e-2
+  cot = jnp.asarray(r.standard_normal(x.shape), dt)
+  for train in (True, False):
+    outs = []
+    for run in (run_ref, run_mine):
+      (y, vjp, new) = jax.vjp(lambda p, x: run(p, x, train), params, x,
+                              has_aux=True)
+      outs.append((y, new, vjp(cot)))
+    (y0, s0, g0), (y1, s1, g1) = outs
+    assert y1.dtype == y0.dtype == dt
+    for a, b in [(y1, y0), *zip(jax.tree.leaves((s1, g1)),
+                                jax.tree.leaves((s0, g0)))]:
+      assert a.shape == b.shape and a.dtype == b.dtype
+      b = np.asarray(b, np.float32)
+      np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol,
+                                 atol=tol * np.abs(b).max())
+
+
+def test_batch_norm_gradient_through_statistics():
+  """The written-out rule also carries cotangents of the returned mean and
+  variance (what differentiating the running statistics would need), and
+  matches XLA's autodiff of the same forward there."""
+  r = _rng(22)
+  x = jnp.asarray(r.standard_normal((2, 4, 5, 3)) * 3 - 1, jnp.float32)
+  s = jnp.asarray(1 + r.random(3), jnp.float32)
+  b = jnp.asarray(r.standard_normal(3), jnp.float32)
+  cots = [jnp.asarray(r.standard_normal(a.shape), jnp.float32)
+          for a in (x, s, s)]
+  grads = []
+  for plain in (False, True):
+    ctx = _plain_gradients() if plain else contextlib.nullcontext()
+    with ctx:
+      f = lambda x, s, b: layers.batch_norm_train(x, s, b, 1e-5, relu=True)
+      out, vjp = jax.vjp(f, x, s, b)
+      grads.append(vjp(tuple(cots)))
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_batch_norm_rule_on_cpu_only():
+  """CPU programs differentiate batch norm with the written-out rule (two
+  reductions in the backward, four in all); CUDA and TPU keep XLA's
+  autodiff (eight), and so does CPU with the custom gradients off, where
+  forward-mode autodiff through ConvBNAct works."""
+  x = jnp.ones((2, 8, 8, 4))
+  s, b = jnp.ones(4), jnp.zeros(4)
+
+  def grad_fn():
+    return jax.grad(lambda x, s, b: jnp.sum(layers.batch_norm_train(
+        x, s, b, 1e-5, relu=True)[0] ** 2), argnums=(0, 1, 2))
+
+  count = lambda p: _hlo(grad_fn(), x, s, b, platform=p).count(
+      'stablehlo.reduce(')
+  assert [count(p) for p in ('cpu', 'cuda', 'tpu')] == [4, 8, 8]
+  mod = layers.ConvBNAct(4, 3, padding=1)
+  v = mod.init(jax.random.key(0), x, train=False)
+  apply = lambda v, x: mod.apply(v, x, train=True,
+                                 mutable=['batch_stats'])[0]
+  with _plain_gradients():
+    assert count('cpu') == 8
+    assert _jvp_shape(apply, v, x) == (2, 8, 8, 4)
+
+
 def test_conv_bn_act_relu_without_norm():
   mod = layers.ConvBNAct(2, 1, norm=False)
   x = -jnp.ones((1, 2, 2, 1))
