@@ -23,6 +23,12 @@ forward and forward + backward (input and kernel gradients of
   ``windows`` (``layers.max_unpool`` with the pool's window: selects by the
   index's offset in its window), ``scatter`` (the general form) and
   ``F.max_unpool2d``;
+* batch norm (``--ops=batch_norm``, ConvBNAct's, in training, with its
+  ReLU where the network has one; gradients in the input, scale and bias):
+  ``written`` (``layers.batch_norm_train``'s CPU rule, attempt 44),
+  ``autodiff`` (the same forward, XLA's gradient: what GPUs and TPUs run),
+  ``flax`` (``flax.linen.BatchNorm`` then ``jax.nn.relu``) and
+  ``F.batch_norm`` + ``F.relu``;
 * convolution (``--ops=conv``, the calls of ``layers.conv``): ``xla``
   (``lax.conv_general_dilated``, what runs off CPU), ``prepad`` (the padding
   as a separate ``jnp.pad``, then a VALID convolution), ``cols`` (im2col by
@@ -47,6 +53,7 @@ import re
 import statistics
 import sys
 
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,11 +67,13 @@ import bench  # pylint: disable=wrong-import-position
 
 
 def record_calls(name, k, hw, options, batch, dtype):
-  """The (kind, shapes, geometry) of every transposed conv and max pool
-  that the network ``name`` runs at ``hw``, in call order, deduplicated."""
+  """The (kind, shapes, geometry) of every transposed conv, max pool,
+  unpooling, batch norm and convolution that the network ``name`` runs at
+  ``hw`` in a training step's forward, in call order, deduplicated."""
   calls = []
   orig_ct, orig_mp = layers.conv_transpose, layers.max_pool
   orig_unpool = layers.max_unpool
+  orig_bn = layers.batch_norm_train
 
   def ct(x, kernel, strides, padding, output_padding, dilation=(1, 1)):
     calls.append(('conv_transpose', tuple(x.shape), tuple(kernel.shape),
@@ -86,6 +95,10 @@ def record_calls(name, k, hw, options, batch, dtype):
                   k if isinstance(k, int) else tuple(k)))
     return orig_unpool(y, indices, output_hw, window)
 
+  def bn(x, scale, bias, epsilon, relu=False):
+    calls.append(('batch_norm', tuple(x.shape), float(epsilon), bool(relu)))
+    return orig_bn(x, scale, bias, epsilon, relu)
+
   orig_conv = cpu_conv.auto_conv
 
   def conv(lhs, rhs, window_strides, padding, **kw):
@@ -104,15 +117,16 @@ def record_calls(name, k, hw, options, batch, dtype):
 
   model = bench.make_model(name, k, options, dtype, False)
   layers.conv_transpose, layers.max_pool = ct, mp
-  layers.max_unpool = unpool
+  layers.max_unpool, layers.batch_norm_train = unpool, bn
   cpu_conv.auto_conv = conv
-  try:
+  key = jax.random.key(0)
+  try:  # training mode: batch norm on the batch's statistics
     jax.eval_shape(
-        lambda x: model.init(jax.random.key(0), x, train=False),
+        lambda x: model.init({'params': key, 'dropout': key}, x, train=True),
         jax.ShapeDtypeStruct((batch, *hw, 3), jnp.float32))
   finally:
     layers.conv_transpose, layers.max_pool = orig_ct, orig_mp
-    layers.max_unpool = orig_unpool
+    layers.max_unpool, layers.batch_norm_train = orig_unpool, orig_bn
     cpu_conv.auto_conv = orig_conv
   seen, out = set(), []
   for c in calls:
@@ -177,6 +191,25 @@ def _jax_forms(call):
         return cpu_conv._fwd_cols(x, w, pads, d)  # pylint: disable=protected-access
       forms['cols'] = cols
     return forms
+  if call[0] == 'batch_norm':
+    _, _, eps, relu = call
+    ref = flax_nn.BatchNorm(use_running_average=False, epsilon=eps)
+    act = jax.nn.relu if relu else (lambda y: y)
+
+    def flax_bn(x, w):
+      y, _ = ref.apply({'params': {'scale': w[0], 'bias': w[1]},
+                        'batch_stats': {'mean': jnp.zeros_like(w[0]),
+                                        'var': jnp.ones_like(w[0])}},
+                       x, mutable=['batch_stats'])
+      return act(y)
+
+    return {
+        'written': lambda x, w: layers._bn_train_vjp(  # pylint: disable=protected-access
+            x, w[0], w[1], eps, relu)[0],
+        'autodiff': lambda x, w: layers._bn_forward(  # pylint: disable=protected-access
+            x, w[0], w[1], eps, relu)[0][0],
+        'flax': flax_bn,
+    }
   if call[0] == 'max_unpool':
     hw_out, k = call[2], call[3]
     return {
@@ -232,6 +265,15 @@ def _torch_fn(call, dtype, torch_mod):
                           d).to(dev).to(memory_format=torch.channels_last)
     x = torch.randn(xs[0], xs[3], xs[1], xs[2], generator=g).to(dev)
     fwd = lambda x: mod(x)  # noqa: E731
+  elif call[0] == 'batch_norm':
+    _, xs, eps, relu = call
+    x = torch.randn(xs[0], xs[3], xs[1], xs[2], generator=g).to(dev)
+    sb = torch.stack([1 + torch.rand(xs[3], generator=g),
+                      torch.randn(xs[3], generator=g)]).to(dev)
+    sb.requires_grad_(True)
+    act = F.relu if relu else (lambda y: y)
+    fwd = lambda x: act(F.batch_norm(  # noqa: E731
+        x, None, None, sb[0], sb[1], training=True, eps=eps))
   elif call[0] == 'max_unpool':
     _, ys, hw_out, k = call
     pooled, idx = _unpool_inputs(call)
@@ -283,6 +325,12 @@ def bench_call(call, dtype, args, torch_mod=None) -> dict:
            if call[0] == 'conv_transpose' else
            f's{call[3]} p{call[4]} d{call[5]}')
     desc = f'{call[1]} -> k{call[2]}'
+  elif call[0] == 'batch_norm':
+    c = call[1][3]
+    w = jnp.asarray(np.stack([1 + rng.random(c), rng.normal(size=c)]),
+                    jnp.float32)  # scale and bias, float32 as in the layers
+    geo = f'eps={call[2]} relu={call[3]}'
+    desc = f'{call[1]}'
   elif call[0] == 'max_unpool':
     x, w = _unpool_inputs(call)
     x = x.astype(dt)
@@ -302,7 +350,7 @@ def bench_call(call, dtype, args, torch_mod=None) -> dict:
     # Input and kernel gradients; the network's input (3 channels) needs
     # none, as in training.
     argnums = {'conv_transpose': (0, 1), 'max_pool': (0,),
-               'max_unpool': (0,),
+               'max_unpool': (0,), 'batch_norm': (0, 1),
                'conv': (1,) if call[1][3] == 3 else (0, 1)}[call[0]]
     grad = jax.jit(jax.grad(
         lambda x, w, c, f=f: jnp.sum((f(x, w) * c).astype(jnp.float32)),
@@ -347,7 +395,7 @@ def main(argv=None):
   bench.add_network_args(p)
   p.add_argument('--ops', default='conv_transpose,max_pool',
                  help='which recorded ops to time (conv_transpose, max_pool, '
-                 'max_unpool, conv)')
+                 'max_unpool, batch_norm, conv)')
   p.add_argument('--repeats', type=int, default=20)
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--torch', action='store_true',
