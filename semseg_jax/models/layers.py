@@ -410,8 +410,9 @@ def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float,
   On CPU (``lax.platform_dependent``), with the custom gradients of
   :func:`cpu_conv.set_cpu_conv_gradients` on, the gradient is written out
   (:func:`_bn_train_bwd`): forward and backward together 1.1-1.4x faster
-  than XLA's autodiff of flax's BatchNorm + ReLU at U-Net's and SegNet's
-  shapes on one core (experiments/RESULTS.md, attempt 44). Elsewhere, and
+  than XLA's autodiff of flax's BatchNorm + ReLU on most of U-Net's and
+  SegNet's layers on one core, level or slightly slower on some maps of
+  12x12 and below (experiments/RESULTS.md, attempt 44). Elsewhere, and
   with them off (forward-mode autodiff), XLA differentiates the same
   forward.
   """
