@@ -30,7 +30,9 @@ forward and forward + backward (input and kernel gradients of
   ``flax`` (``flax.linen.BatchNorm`` then ``jax.nn.relu``) and
   ``F.batch_norm`` + ``F.relu``;
 * convolution (``--ops=conv``, the calls of ``layers.conv``): ``xla``
-  (``lax.conv_general_dilated``, what runs off CPU), ``prepad`` (the padding
+  (``lax.conv_general_dilated``), ``auto`` (``cpu_conv.auto_conv``, what
+  ``layers.conv`` runs: on CPU its rules, elsewhere mostly ``xla``),
+  ``prepad`` (the padding
   as a separate ``jnp.pad``, then a VALID convolution), ``cols`` (im2col by
   shifted slices and one matmul, where the patches fit in 1 GiB) and
   ``nn.Conv2d``. The network's input (3 channels) gets no gradient, as in
@@ -175,7 +177,12 @@ def _jax_forms(call):
           x, w, s, pads, rhs_dilation=d,
           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
-    forms = {'xla': xla}
+    def auto(x, w):  # what layers.conv runs (cpu_conv's rules on CPU)
+      return cpu_conv.auto_conv(
+          x, w, s, pads, rhs_dilation=d,
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    forms = {'xla': xla, 'auto': auto}
     if any(v for pair in pads for v in pair):
       def prepad(x, w):
         xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
