@@ -207,18 +207,23 @@ def test_conv_transpose_phases_equal_dilated_input_form(k, s, p, op):
     assert 'lhs_dilate' not in hlo
 
 
-def _assert_same_vjp(form, ref, x, w, rng, tol):
-  """``form``'s values and gradients in ``x`` and ``w`` (under one random
-  cotangent from ``rng``) equal ``ref``'s: same shapes and dtypes, values
-  within ``tol`` of each reference relative to its largest magnitude."""
-  y, vjp_ref = jax.vjp(ref, x, w)
-  got, vjp_got = jax.vjp(form, x, w)
-  cot = jnp.asarray(rng.standard_normal(y.shape), y.dtype)
-  for a, b in [(got, y), *zip(vjp_got(cot), vjp_ref(cot))]:
+def _assert_close(got, ref, tol):
+  """Each array of ``got`` has its ``ref`` twin's shape and dtype and is
+  within ``tol`` of it relative to the twin's largest magnitude."""
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
     assert a.shape == b.shape and a.dtype == b.dtype
     b = np.asarray(b, np.float32)
     np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol,
                                atol=tol * np.abs(b).max())
+
+
+def _assert_same_vjp(form, ref, x, w, rng, tol):
+  """``form``'s values and gradients in ``x`` and ``w`` (under one random
+  cotangent from ``rng``) equal ``ref``'s (:func:`_assert_close`)."""
+  y, vjp_ref = jax.vjp(ref, x, w)
+  got, vjp_got = jax.vjp(form, x, w)
+  cot = jnp.asarray(rng.standard_normal(y.shape), y.dtype)
+  _assert_close((got, vjp_got(cot)), (y, vjp_ref(cot)), tol)
 
 
 def _hlo(fn, *args, platform):
@@ -531,17 +536,11 @@ def test_batch_norm_equals_flax(relu, dtype):
   for train in (True, False):
     outs = []
     for run in (run_ref, run_mine):
-      (y, vjp, new) = jax.vjp(lambda p, x: run(p, x, train), params, x,
-                              has_aux=True)
+      y, vjp, new = jax.vjp(lambda p, x: run(p, x, train), params, x,
+                            has_aux=True)
       outs.append((y, new, vjp(cot)))
-    (y0, s0, g0), (y1, s1, g1) = outs
-    assert y1.dtype == y0.dtype == dt
-    for a, b in [(y1, y0), *zip(jax.tree.leaves((s1, g1)),
-                                jax.tree.leaves((s0, g0)))]:
-      assert a.shape == b.shape and a.dtype == b.dtype
-      b = np.asarray(b, np.float32)
-      np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol,
-                                 atol=tol * np.abs(b).max())
+    assert outs[1][0].dtype == outs[0][0].dtype == dt
+    _assert_close(outs[1], outs[0], tol)
 
 
 def test_batch_norm_gradient_through_statistics():
@@ -559,10 +558,9 @@ def test_batch_norm_gradient_through_statistics():
     ctx = _plain_gradients() if plain else contextlib.nullcontext()
     with ctx:
       f = lambda x, s, b: layers.batch_norm_train(x, s, b, 1e-5, relu=True)
-      out, vjp = jax.vjp(f, x, s, b)
+      _, vjp = jax.vjp(f, x, s, b)
       grads.append(vjp(tuple(cots)))
-  for a, b in zip(*grads):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+  _assert_close(grads[0], grads[1], 1e-5)
 
 
 def test_batch_norm_rule_on_cpu_only():

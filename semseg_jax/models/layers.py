@@ -349,19 +349,23 @@ class ConvTranspose(nn.Module):
 # written out for XLA:CPU.
 
 
+def _bn_normalize(x, mean, inv, scale, bias, relu):
+  """``(x - mean) * scale * inv + bias`` (and ReLU) in float32, as flax's
+  BatchNorm normalises, with ``inv = rsqrt(var + eps)``."""
+  y = (x.astype(jnp.float32) - mean) * (scale * inv) + bias
+  return jax.nn.relu(y) if relu else y
+
+
 def _bn_forward(x, scale, bias, epsilon, relu):
   """Training-mode batch norm over all but the last axis, float32 statistics
   as ``flax.linen.BatchNorm`` computes them (``use_fast_variance``):
-  ``((y, mean, var), (mean, inv))``."""
+  ``((y, mean, var), inv)``."""
   axes = tuple(range(x.ndim - 1))
   xf = x.astype(jnp.float32)
   mean = jnp.mean(xf, axes)
   var = jnp.maximum(0., jnp.mean(xf * xf, axes) - mean * mean)
   inv = jax.lax.rsqrt(var + epsilon)
-  y = (xf - mean) * (scale * inv) + bias
-  if relu:
-    y = jax.nn.relu(y)
-  return (y, mean, var), (mean, inv)
+  return (_bn_normalize(xf, mean, inv, scale, bias, relu), mean, var), inv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -370,8 +374,8 @@ def _bn_train_vjp(x, scale, bias, epsilon, relu):
 
 
 def _bn_train_fwd(x, scale, bias, epsilon, relu):
-  out, (mean, inv) = _bn_forward(x, scale, bias, epsilon, relu)
-  return out, (x, mean, inv, scale, bias)
+  out, inv = _bn_forward(x, scale, bias, epsilon, relu)
+  return out, (x, out[1], inv, scale, bias)
 
 
 def _bn_train_bwd(epsilon, relu, res, cts):
@@ -457,10 +461,9 @@ class BatchNorm(nn.Module):
         ra_mean.value = m * ra_mean.value + (1 - m) * mean
         ra_var.value = m * ra_var.value + (1 - m) * var
     else:
-      y = ((x.astype(jnp.float32) - ra_mean.value)
-           * (scale * jax.lax.rsqrt(ra_var.value + self.epsilon)) + bias)
-      if relu:
-        y = jax.nn.relu(y)
+      y = _bn_normalize(x, ra_mean.value,
+                        jax.lax.rsqrt(ra_var.value + self.epsilon), scale,
+                        bias, relu)
     return y.astype(self.dtype)
 
 
