@@ -382,6 +382,20 @@ def _pin_to_cores(n: int) -> None:
   os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
+def use_threads(n: int) -> None:
+  """``n`` cores for this process (0: leave the defaults): pinned to the
+  first ``n`` (:func:`_pin_to_cores`) and XLA:CPU's thread flags to match.
+  Call before the first JAX computation."""
+  if not n:
+    return
+  _pin_to_cores(n)
+  # Read when the XLA:CPU client starts (first jax.devices()), so setting
+  # it here, after `import jax` but before any computation, is in time.
+  os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen='
+      f'{str(n > 1).lower()} intra_op_parallelism_threads={n}')
+
+
 def environment() -> dict:
   dev = jax.devices()[0]
   return {
@@ -501,14 +515,7 @@ def main(argv=None):
   p.add_argument('--_scaling_worker', action='store_true',
                  help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  if args.threads:
-    _pin_to_cores(args.threads)
-    # Read when the XLA:CPU client starts (first jax.devices()), so setting
-    # it here, after `import jax` but before any computation, is in time.
-    os.environ['XLA_FLAGS'] = (
-        os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen='
-        f'{str(args.threads > 1).lower()} intra_op_parallelism_threads='
-        f'{args.threads}')
+  use_threads(args.threads)
   # Before the first JAX operation, like XLA_FLAGS (cpu_malloc docstring).
   args.malloc_tuned = (args.malloc == 'tuned'
                        and cpu_malloc.tune_cpu_malloc(strict=True))

@@ -22,8 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
-import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # pylint: disable=wrong-import-position
 
 
 def main(argv=None):
@@ -35,27 +42,16 @@ def main(argv=None):
   p.add_argument('--tile', type=int, default=256,
                  help='minor size of the tiled form')
   p.add_argument('--threads', type=int, default=1,
-                 help='1: one XLA thread, pinned to one core; 0: defaults')
+                 help='cores (pinned) and XLA threads, as bench.py; 0: '
+                 'defaults')
   args = p.parse_args(argv)
-  if args.threads == 1:
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               ' --xla_cpu_multi_thread_eigen=false'
-                               ' intra_op_parallelism_threads=1')
-    if hasattr(os, 'sched_setaffinity'):
-      os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  bench.use_threads(args.threads)
 
   def timed(f, *a):
     f = jax.jit(f)
-    jax.block_until_ready(f(*a))
-    ts = []
-    for _ in range(args.repeats):
-      t = time.perf_counter()
-      jax.block_until_ready(f(*a))
-      ts.append(time.perf_counter() - t)
-    return 1e6 * float(np.median(ts)) / args.passes
+    bench.timed(lambda: f(*a), 1)  # compile
+    return 1e6 * statistics.median(
+        bench.timed(lambda: f(*a), args.repeats)) / args.passes
 
   def loop(x, a, c):
     return jax.lax.fori_loop(

@@ -407,8 +407,12 @@ def main(argv=None):
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--torch', action='store_true',
                  help="time PyTorch's op in this process (needs torch)")
+  p.add_argument('--threads', type=int, default=0,
+                 help='cores (pinned) and threads for XLA and PyTorch, as '
+                 "bench.py's (0: their defaults)")
   p.add_argument('--out', default='')
   args = p.parse_args(argv)
+  bench.use_threads(args.threads)
   torch_mod = None
   env = bench.environment()
   if args.torch:
@@ -420,6 +424,8 @@ def main(argv=None):
     else:
       torch_mod = (torch, F)
       env['torch'] = torch.__version__
+      if args.threads:
+        torch.set_num_threads(args.threads)
   print(json.dumps(env), flush=True)
   table = bench._network_table()  # pylint: disable=protected-access
   ops = set(args.ops.split(','))
