@@ -270,12 +270,10 @@ class _PoolBranch(nn.Module):
   def __call__(self, x: Array, *, train: bool) -> Array:
     x = layers.conv(self.features, 1, use_bias=self.norm == 'none',
                     dtype=self.dtype, name='conv')(x)
-    if self.norm == 'batch':
-      # As layers.ConvBNAct: torch momentum 0.1 / eps 1e-5.
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype,
-                       param_dtype=jnp.float32, name='bn')(x)
-    elif self.norm == 'group':
+    if self.norm == 'batch':  # as layers.ConvBNAct's, ReLU fused
+      return layers.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                              name='bn')(x, train=train, relu=True)
+    if self.norm == 'group':
       x = nn.GroupNorm(num_groups=group_norm_groups(self.features),
                        epsilon=1e-5, dtype=self.dtype,
                        param_dtype=jnp.float32, name='gn')(x)
