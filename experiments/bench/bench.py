@@ -396,7 +396,36 @@ def use_threads(n: int) -> None:
       f'{str(n > 1).lower()} intra_op_parallelism_threads={n}')
 
 
-def environment() -> dict:
+def add_host_args(p) -> None:
+  """``--threads`` and ``--malloc``, which every script here applies with
+  :func:`apply_host_args` before its first JAX computation."""
+  p.add_argument('--threads', type=int, default=0,
+                 help='CPU cores for both JAX and PyTorch (0: all, with '
+                 'their default threads). Both are pinned to the '
+                 "same N cores (XLA's thread flags alone do not stop its "
+                 'convolutions using every core). 1 is the fair choice on a '
+                 "loaded machine: OpenMP's barriers collapse when cores are "
+                 'oversubscribed')
+  p.add_argument('--malloc', default='tuned', choices=('tuned', 'default'),
+                 help="glibc malloc for both frameworks: 'tuned' "
+                 '(semseg_jax.cpu_malloc, what python -m semseg_jax.main '
+                 "uses) or glibc's defaults. Untuned, XLA:CPU's step buffer "
+                 "is mapped afresh each call and its element-wise loops run "
+                 'at page-fault speed (RESULTS.md, attempts 25 and 50)')
+
+
+def apply_host_args(args) -> None:
+  """:func:`use_threads` and the malloc settings of :func:`add_host_args`'s
+  flags (sets ``args.malloc_tuned``). Call before the first JAX
+  computation, like XLA_FLAGS (cpu_malloc's docstring)."""
+  use_threads(args.threads)
+  args.malloc_tuned = (args.malloc == 'tuned'
+                       and cpu_malloc.tune_cpu_malloc(strict=True))
+
+
+def environment(args=None) -> dict:
+  """The run's machine, versions and settings (``args``: the host flags'
+  outcome, ``malloc``)."""
   dev = jax.devices()[0]
   return {
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -408,6 +437,8 @@ def environment() -> dict:
       'python': platform.python_version(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'loadavg_start': [round(v, 2) for v in os.getloadavg()],
+      'malloc': ('tuned' if getattr(args, 'malloc_tuned', False)
+                 else 'default'),
   }
 
 
@@ -500,25 +531,12 @@ def main(argv=None):
                  'one (the A/B of attempt 38)')
   p.add_argument('--fast_conv', type=int, default=None,
                  help='layers.set_fast_conv_threshold (matmul weight grads)')
-  p.add_argument('--threads', type=int, default=0,
-                 help='CPU cores for both JAX and PyTorch (0: all, with '
-                 'their default threads). Both processes are pinned to the '
-                 "same N cores (XLA's thread flags alone do not stop its "
-                 'convolutions using every core). 1 is the fair choice on a '
-                 "loaded machine: OpenMP's barriers collapse when cores are "
-                 'oversubscribed')
-  p.add_argument('--malloc', default='tuned', choices=('tuned', 'default'),
-                 help="glibc malloc for both frameworks' processes: 'tuned' "
-                 '(semseg_jax.cpu_malloc, what python -m semseg_jax.main '
-                 "uses) or glibc's defaults")
+  add_host_args(p)
   p.add_argument('--out', default='')
   p.add_argument('--_scaling_worker', action='store_true',
                  help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  use_threads(args.threads)
-  # Before the first JAX operation, like XLA_FLAGS (cpu_malloc docstring).
-  args.malloc_tuned = (args.malloc == 'tuned'
-                       and cpu_malloc.tune_cpu_malloc(strict=True))
+  apply_host_args(args)
   if args.fast_conv is not None:
     layers.set_fast_conv_threshold(args.fast_conv)
   if args.plain_gradients:
@@ -534,8 +552,7 @@ def main(argv=None):
     if name not in table and name not in models_lib.list_models():
       raise SystemExit(f'--models: unknown network {name!r}; have '
                        f'{sorted(models_lib.list_models())}')
-  env = environment()
-  env['malloc'] = 'tuned' if args.malloc_tuned else 'default'
+  env = environment(args)
   env['plain_gradients'] = args.plain_gradients
   print(json.dumps(env), flush=True)
 

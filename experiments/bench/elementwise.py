@@ -41,11 +41,10 @@ def main(argv=None):
   p.add_argument('--repeats', type=int, default=30)
   p.add_argument('--tile', type=int, default=256,
                  help='minor size of the tiled form')
-  p.add_argument('--threads', type=int, default=1,
-                 help='cores (pinned) and XLA threads, as bench.py; 0: '
-                 'defaults')
+  bench.add_host_args(p)
+  p.set_defaults(threads=1)
   args = p.parse_args(argv)
-  bench.use_threads(args.threads)
+  bench.apply_host_args(args)
 
   def timed(f, *a):
     f = jax.jit(f)

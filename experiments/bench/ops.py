@@ -407,14 +407,12 @@ def main(argv=None):
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--torch', action='store_true',
                  help="time PyTorch's op in this process (needs torch)")
-  p.add_argument('--threads', type=int, default=0,
-                 help='cores (pinned) and threads for XLA and PyTorch, as '
-                 "bench.py's (0: their defaults)")
+  bench.add_host_args(p)
   p.add_argument('--out', default='')
   args = p.parse_args(argv)
-  bench.use_threads(args.threads)
+  bench.apply_host_args(args)
   torch_mod = None
-  env = bench.environment()
+  env = bench.environment(args)
   if args.torch:
     try:
       import torch  # pylint: disable=import-outside-toplevel

@@ -142,7 +142,10 @@ def main(argv=None):
   p.add_argument('--out', default='',
                  help='results prefix (.json, .md; and the compiled '
                  'programs as .<model>_<size>_<mode>.hlo.txt)')
+  bench.add_host_args(p)
   args = p.parse_args(argv)
+  bench.apply_host_args(args)
+  print(json.dumps(bench.environment(args)), flush=True)
   table = bench._network_table()  # pylint: disable=protected-access
   rows = []
   for name in args.models.split(','):
