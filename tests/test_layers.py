@@ -695,6 +695,52 @@ def test_max_pool_gradient_matches_select_and_scatter(h, w, k, s, p, ceil):
                              rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('ceil', [False, True])
+def test_max_pool_tile_rule_equals_views(dtype, ceil):
+  # The CPU rule for non-overlapping windows (stored int8 offsets) gives the
+  # views' values and gradients exactly: ties (small integers), a tail row
+  # and column (7x9), ceil_mode's -inf padding, and NaN windows (no
+  # gradient).
+  r = _rng(10)
+  x = r.integers(0, 3, (2, 7, 9, 3)).astype(np.float32)
+  x[0, 0, 1, 0] = x[1, 4, 4, 2] = np.nan
+  x = jnp.asarray(x, dtype)
+  pool = lambda x: layers.max_pool(x, 2, 2, ceil_mode=ceil)
+  g = jnp.asarray(r.standard_normal(jax.eval_shape(pool, x).shape), dtype)
+  rule = jax.vjp(pool, x)
+  with _plain_gradients():
+    views = jax.vjp(pool, x)
+  np.testing.assert_array_equal(np.asarray(rule[0], np.float32),
+                                np.asarray(views[0], np.float32))
+  got, ref = rule[1](g)[0], views[1](g)[0]
+  assert got.dtype == ref.dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(ref, np.float32))
+  assert np.asarray(got, np.float32)[0, 0:2, 0:2, 0].tolist() == [[0, 0],
+                                                                  [0, 0]]
+
+
+def test_max_pool_tile_rule_on_cpu_only():
+  """CPU programs differentiate 2x2 non-overlapping pools from stored
+  offsets (no pads); CUDA and TPU transpose the strided views (one
+  interior-padded pad per view), and so does CPU with the custom gradients
+  off, where forward-mode autodiff works. Overlapping windows keep the
+  views everywhere."""
+  x = jnp.ones((2, 8, 8, 4))
+
+  def pads_in_gradient(platform, s=2):
+    grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x, 2, s) ** 2))
+    return _hlo(grad, x, platform=platform).count('stablehlo.pad')
+
+  assert [pads_in_gradient(p) for p in ('cpu', 'cuda', 'tpu')] == [0, 4, 4]
+  assert pads_in_gradient('cpu', s=1) == 4
+  with _plain_gradients():
+    assert pads_in_gradient('cpu') == 4
+    _, t = jax.jvp(lambda x: layers.max_pool(x, 2), (x,), (x,))
+    assert t.shape == (2, 4, 4, 4)
+
+
 def test_max_unpool_scatters_and_differentiates():
   r = _rng(7)
   x = jnp.asarray(r.standard_normal((2, 7, 9, 3)).astype(np.float32))

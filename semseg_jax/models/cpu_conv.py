@@ -109,8 +109,9 @@ def set_cpu_conv_gradients(enabled: bool) -> None:
   """Turns :func:`auto_conv`'s automatic CPU gradient routes on (default) or
   off (XLA's plain convolutions everywhere, forward-mode autodiff works).
   The switch also covers ``layers.conv_transpose``'s custom gradient on
-  GPU/TPU, the one other ``custom_vjp`` of the layers' convolutions, and
-  ``layers.batch_norm_train``'s written-out gradient on CPU.
+  GPU/TPU, the one other ``custom_vjp`` of the layers' convolutions,
+  ``layers.batch_norm_train``'s written-out gradient on CPU and
+  ``layers.max_pool``'s stored-offset gradient on CPU.
   Takes effect for modules traced afterwards."""
   _SETTINGS['enabled'] = bool(enabled)
 

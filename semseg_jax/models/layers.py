@@ -577,6 +577,45 @@ def _max_of_views_jvp(k, s, out, primals, tangents):
   return y, ty
 
 
+def _tile_max_fwd(x: Array, k) -> tuple[Array, Array]:
+  """Maxima of the ``k`` tiles of ``x`` (``[B, h * k[0], w * k[1], C]``)
+  and the int8 offset ``u * k[1] + v`` of each tile's first maximum in
+  row-major order (``k[0] * k[1]`` where none equals it: a NaN maximum,
+  which gets no gradient, as with :func:`_max_of_views`)."""
+  out = (x.shape[1] // k[0], x.shape[2] // k[1])
+  views = _window_views(x, k, k, out)
+  y = views[0]
+  for v in views[1:]:
+    y = jnp.maximum(y, v)
+  arg = jnp.full(y.shape, len(views), jnp.int8)
+  for i in reversed(range(len(views))):
+    arg = jnp.where(views[i] == y, jnp.int8(i), arg)
+  return y, arg
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tile_max(x: Array, k) -> Array:
+  return _tile_max_fwd(x, k)[0]
+
+
+def _tile_max_bwd(k, arg, g):
+  """The cotangent to each tile's first maximum: one element-wise pass in
+  the input's shape that reads the stored offsets. Differentiating
+  :func:`_max_of_views` instead recomputes the window's comparisons for
+  every interior-padded view and adds ``k[0] * k[1]`` pads, which XLA:CPU
+  fuses into the producer's recomputation (U-Net's 2x96x96x16 pool with
+  its batch-norm backward: 1.7 ms against 0.4)."""
+  b, h, w, c = g.shape
+  pos = jnp.arange(k[0] * k[1], dtype=jnp.int8).reshape(1, 1, k[0], 1,
+                                                         k[1], 1)
+  dx = jnp.where(arg[:, :, None, :, None, :] == pos,
+                 g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+  return (dx.reshape(b, h * k[0], w * k[1], c),)
+
+
+_tile_max.defvjp(_tile_max_fwd, _tile_max_bwd)
+
+
 def max_pool(x: Array, window: IntOrPair = 2, stride: IntOrPair | None = None,
              padding: IntOrPair = 0, ceil_mode: bool = False) -> Array:
   """``torch.nn.MaxPool2d`` on ``[B, H, W, C]`` (pads with ``-inf``).
@@ -585,7 +624,10 @@ def max_pool(x: Array, window: IntOrPair = 2, stride: IntOrPair | None = None,
   the first maximum of each window (XLA's and torch's rule). Same values
   and gradients as ``reduce_window`` max and its select-and-scatter
   gradient, which XLA:CPU runs ~10x slower (2x2 pool of 2x294x294x64:
-  170 ms -> 17 ms).
+  170 ms -> 17 ms). On CPU, with :func:`cpu_conv.set_cpu_conv_gradients`
+  on, non-overlapping windows of up to 2x2 (stride = window) store each
+  window's int8 offset of its maximum and differentiate from it
+  (:func:`_tile_max_bwd`; experiments/RESULTS.md, attempt 50).
 
   Windows larger than 2x2 are pooled separably, along W and then along H
   (``kh + kw`` views instead of ``kh * kw``: FRRN's 16x16 pools compile in
@@ -606,7 +648,15 @@ def _pool_padded(xp: Array, k, s, out) -> tuple[Array, Array | None]:
   """Window maxima of the padded ``xp``: directly for up to 2x2 windows
   (``(y, None)``), else along W and then along H (``(y, rows' maxima)``)."""
   if k[0] * k[1] <= 4:
-    return _max_of_views(xp, k, s, out), None
+    views = lambda x: _max_of_views(x, k, s, out)
+    if (k != s or not jnp.issubdtype(xp.dtype, jnp.floating)
+        or not cpu_conv.custom_gradients_enabled()):
+      return views(xp), None
+    # Non-overlapping windows on CPU: the gradient from stored offsets
+    # (_tile_max_bwd); the same values and gradients. A tail that fills no
+    # window is sliced off (its gradient is zero).
+    tiles = lambda x: _tile_max(x[:, :out[0] * k[0], :out[1] * k[1]], k)
+    return jax.lax.platform_dependent(xp, cpu=tiles, default=views), None
   xw = _max_of_views(xp, (1, k[1]), (1, s[1]), (xp.shape[1], out[1]))
   return _max_of_views(xw, (k[0], 1), (s[0], 1), out), xw
 
