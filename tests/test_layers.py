@@ -1175,13 +1175,15 @@ def test_conv_small_output_large_kernel_uses_tap_input_gradient(
     ((4, 4, 4, 128), (3, 3, 128, 128), ((1, 1), (1, 1)), 1, None),
     ((2, 48, 48, 4), (3, 3, 4, 8), ((1, 1), (1, 1)), 1,
      ('xla', 'xla', 'strips')),  # under the pairs' 1M floor
-    # Narrow 3x3 layers (XLA's generic kernel): columns in pairs, from an
-    # image at any size, from 16 channels on maps up to _PAIR_MAX_PIXELS;
-    # not on an odd width, nor where XLA's library already takes it.
+    # Columns in pairs from an image (<= 4 channels) to <= 16, at any size;
+    # not from 16 channels (attempt 51), not on an odd width, nor where
+    # XLA's library already takes it.
     ((8, 96, 96, 3), (3, 3, 3, 16), ((1, 1), (1, 1)), 1,
      ('pairs', 'xla', 'strips')),
-    ((2, 96, 96, 16), (3, 3, 16, 16), 'SAME', 1, ('pairs', 'xla', 'strips')),
-    ((2, 128, 128, 16), (3, 3, 16, 16), 'SAME', 1, ('xla', 'xla', 'strips')),
+    ((2, 256, 256, 4), (3, 3, 4, 16), 'SAME', 1, ('pairs', 'xla', 'strips')),
+    ((2, 96, 96, 3), (3, 3, 3, 64), 'SAME', 1, ('xla', 'xla', 'strips')),
+    ((2, 96, 96, 16), (3, 3, 16, 16), 'SAME', 1, ('xla', 'xla', 'strips')),
+    ((2, 96, 96, 8), (3, 3, 8, 16), 'SAME', 1, ('xla', 'xla', 'strips')),
     ((2, 96, 95, 16), (3, 3, 16, 16), 'SAME', 1, ('xla', 'xla', 'strips')),
     ((2, 96, 96, 32), (3, 3, 32, 16), 'SAME', 1, ('xla', 'xla', 'strips')),
     ((2, 32, 32, 16), (3, 3, 16, 16), 'VALID', 1, None),

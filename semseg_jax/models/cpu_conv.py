@@ -84,10 +84,11 @@ _MIN_MACS = 1 << 22
 # Bytes of output gradient per strip: ~256 KiB (a quarter of this CPU's
 # 1 MiB L2) was fastest between 96x96 and 294x294 maps.
 _STRIP_BYTES = 256 * 1024
-# Maps (batch x pixels) up to which the paired-column convolution of <= 16
-# channels beats XLA:CPU's generic kernel (16 -> 16: 2x96x96 0.99 -> 0.74
-# ms, 2x112x112 1.32 -> 1.22; 2x128x128 1.73 -> 2.16, lost).
-_PAIR_MAX_PIXELS = 24576
+# The paired-column forward takes at most this many input channels (an
+# image). From 16 channels it won on 12-03 (16 -> 16 on 2x96x96: 0.99 ->
+# 0.74 ms) and lost on 12-08 (1.69 -> 1.73 ms; 1.83 -> 2.21 after a fused
+# batch norm; U-Net's inference 1.04-1.05x faster without it): attempt 51.
+_PAIR_MAX_CHANNELS_IN = 4
 # ... and not below this many multiply-adds per image, where either form
 # takes microseconds and a routed convolution only adds a custom-VJP
 # program to compile (the model tests' tiny networks stay unrouted). U-Net's
@@ -467,18 +468,15 @@ def _pairs_fit(lhs, rhs, padding, rhs_dilation) -> bool:
   return _explicit_pads(padding, (h, w), rhs.shape[:2], dil)[1] == (1, 1)
 
 
-def _pairs_win(lhs, rhs, out_hw) -> bool:
+def _pairs_win(rhs, out_hw) -> bool:
   """Where the paired-column forward beats XLA:CPU's convolution (one core,
-  attempt 36): at most 16 channels in and out (XLA's generic kernel),
-  from at most 4 input channels (an image: 3 -> 16 on 2x96x96 0.74 -> 0.21
-  ms, 8x96x96 3.06 -> 0.85) or on output maps of at most
-  ``_PAIR_MAX_PIXELS`` (batch included; a symbolic batch counts as 1); and
-  at least ``_PAIR_MIN_MACS`` multiply-adds per image (static sizes)."""
+  attempts 36 and 51): from an image (at most ``_PAIR_MAX_CHANNELS_IN``
+  channels) to at most 16 (3 -> 16 on 2x96x96: 0.74 -> 0.21 ms, 8x96x96
+  3.06 -> 0.85), with at least ``_PAIR_MIN_MACS`` multiply-adds per image
+  (static sizes)."""
   c_in, c_out = rhs.shape[2:]
-  if max(c_in, c_out) > 16 or _macs_per_image(out_hw, rhs) < _PAIR_MIN_MACS:
-    return False
-  pixels = _static(lhs.shape[0]) * out_hw[0] * out_hw[1]
-  return c_in <= 4 or pixels <= _PAIR_MAX_PIXELS
+  return (c_in <= _PAIR_MAX_CHANNELS_IN and c_out <= 16
+          and _macs_per_image(out_hw, rhs) >= _PAIR_MIN_MACS)
 
 
 def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
@@ -504,7 +502,7 @@ def cpu_modes(lhs, rhs, window_strides, padding, **kwargs):
   grows = out_hw[0] > lhs.shape[1] or out_hw[1] > lhs.shape[2]
   strips = grows or out_hw[0] * out_hw[1] >= _STRIP_MIN_PIXELS
   pairs = (_pairs_fit(lhs, rhs, padding, rhs_dilation)
-           and _pairs_win(lhs, rhs, out_hw))
+           and _pairs_win(rhs, out_hw))
   modes = ('cols' if small else 'pairs' if pairs else 'xla',
            'taps' if small or few else 'xla',
            'strips' if strips else 'xla')
