@@ -721,6 +721,20 @@ def test_max_pool_tile_rule_equals_views(dtype, ceil):
                                                                   [0, 0]]
 
 
+def test_max_pool_tile_rule_second_order_takes_first_maximum():
+  # Differentiating the gradient differentiates the rule's forward: a tie's
+  # tangent must still go to the window's first maximum (jnp.maximum would
+  # split it). Window [[1, 2], [2, 2]]: all of it on the first 2.
+  x = jnp.asarray([[1., 2.], [2., 2.]]).reshape(1, 2, 2, 1)
+  f = lambda x: jnp.sum(jnp.sin(layers.max_pool(x, 2)))
+  h = jax.grad(lambda x: jnp.sum(jax.grad(f)(x) ** 2))
+  got = np.asarray(h(x)).ravel()
+  with _plain_gradients():
+    ref = np.asarray(h(x)).ravel()
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
+  assert got[0] == 0 and got[1] != 0 and got[2] == got[3] == 0
+
+
 def test_max_pool_tile_rule_on_cpu_only():
   """CPU programs differentiate 2x2 non-overlapping pools from stored
   offsets (no pads); CUDA and TPU transpose the strided views (one

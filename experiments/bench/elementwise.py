@@ -14,13 +14,15 @@ dispatch is amortised and every pass is a real read and write of the array):
 * ``scalars``: ``a`` and ``c`` scalars.
 
 Reported: microseconds per pass, median over ``--repeats`` calls, and the
-effective bandwidth (one read and one write of the array per pass).
+effective bandwidth (one read and one write of the array per pass). One
+core by default (``--threads=1``; ``--threads=0``: all, XLA's defaults).
 RESULTS.md, attempt 49: on one core, 16 channels run at ~20 GB/s in the
 native form and ~4x faster tiled, where 32 channels run at ~95 GB/s.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -42,7 +44,7 @@ def main(argv=None):
   p.add_argument('--tile', type=int, default=256,
                  help='minor size of the tiled form')
   bench.add_host_args(p)
-  p.set_defaults(threads=1)
+  p.set_defaults(threads=1)  # one core unless told otherwise
   args = p.parse_args(argv)
   bench.apply_host_args(args)
 
@@ -56,8 +58,7 @@ def main(argv=None):
     return jax.lax.fori_loop(
         0, args.passes, lambda i, x: jnp.maximum(x * a + c, 0.) - 0.01, x)
 
-  print(f'jax {jax.__version__}, {jax.devices()[0].platform}, '
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(json.dumps(bench.environment(args)))
   print('| shape | native us | tiled us | scalars us | native GB/s |')
   print('|---|---|---|---|---|')
   for text in args.shapes.split(','):

@@ -16,7 +16,8 @@ forward and forward + backward (input and kernel gradients of
   ``layers._conv_transpose_native``), ``autodiff`` (the same forward with
   JAX's own gradient), ``phases`` (the CPU form: a stride-1 convolution to
   ``s*s*O`` channels and depth-to-space), and PyTorch's ``ConvTranspose2d``;
-* max pool: ``layers.max_pool`` (strided views, elementwise gradient),
+* max pool: ``layers.max_pool`` (strided views; on CPU, windows of at
+  most 4 elements with stride = window differentiate from stored offsets),
   ``reduce_window`` (XLA's ``select_and_scatter`` gradient) and
   ``F.max_pool2d``;
 * max unpooling (``--ops=max_unpool``, SegNet's and ENet's):
@@ -384,7 +385,8 @@ def bench_call(call, dtype, args, torch_mod=None) -> dict:
 
 def markdown(env, rows) -> str:
   lines = [f"{env['date']}, jax {env['jax']} on {env['backend']} "
-           f"({env['device']}), torch {env.get('torch', '-')}", '',
+           f"({env['device']}), torch {env.get('torch', '-')}, "
+           f"XLA_FLAGS=`{env['xla_flags']}`, malloc {env['malloc']}", '',
            '| network | op | input | geometry | dtype | form | fwd ms | '
            'fwd+bwd ms | cuDNN calls in fwd+bwd | rel. err vs first |',
            '|' + '---|' * 10]

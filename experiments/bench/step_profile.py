@@ -111,8 +111,10 @@ def profile_one(name, k, hw, options, args) -> dict:
           'lines': {l: summaries[l] for l in busiest[:args.lines]}}
 
 
-def markdown(rows) -> str:
-  out = []
+def markdown(env, rows) -> str:
+  out = [f"{env['date']}, jax {env['jax']} on {env['backend']} "
+         f"({env['device']}, running on {env['cpu_affinity']}), XLA_FLAGS="
+         f"`{env['xla_flags']}`, malloc {env['malloc']}", '']
   for r in rows:
     for line, v in r['lines'].items():
       out += [f"{r['model']} {r['mode']} {r['size']} batch "
@@ -145,7 +147,8 @@ def main(argv=None):
   bench.add_host_args(p)
   args = p.parse_args(argv)
   bench.apply_host_args(args)
-  print(json.dumps(bench.environment(args)), flush=True)
+  env = bench.environment(args)
+  print(json.dumps(env), flush=True)
   table = bench._network_table()  # pylint: disable=protected-access
   rows = []
   for name in args.models.split(','):
@@ -153,9 +156,9 @@ def main(argv=None):
     for hw in bench.parse_sizes(args.sizes, paper):
       rows.append(profile_one(name, k, hw, options, args))
       print(json.dumps(rows[-1]), flush=True)
-  md = markdown(rows)
+  md = markdown(env, rows)
   print(md)
-  bench.write_results(args.out, rows, md)
+  bench.write_results(args.out, {'env': env, 'rows': rows}, md)
 
 
 if __name__ == '__main__':

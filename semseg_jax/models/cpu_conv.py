@@ -27,11 +27,12 @@ convolutions except where measurements say XLA:CPU is slow
   matmul per tap, no transposed copy of the kernel.
 * ``'cols'`` forward for those small outputs: the im2col patches times the
   kernel, one matmul (fc6: 241 -> 65 ms).
-* ``'pairs'`` forward for narrow ``kh x 3`` layers (at most 16 channels,
-  which XLA:CPU leaves to its generic kernel): pairs of columns become
-  channels, so the convolution (4/3 the multiply-adds) goes to the library
-  (U-Net's 3 -> 16 first layer 0.74 -> 0.21 ms; 16 -> 16 on 2x96x96 0.97
-  -> 0.71-0.84; U-Net's inference 2-4% faster).
+* ``'pairs'`` forward for ``kh x 3`` layers from an image (at most
+  ``_PAIR_MAX_CHANNELS_IN`` = 4 channels in, 16 out, which XLA:CPU leaves
+  to its generic kernel): pairs of columns become channels, so the
+  convolution (4/3 the multiply-adds) goes to the library (U-Net's 3 -> 16
+  first layer 0.74 -> 0.21 ms). From 16 channels it won on one day and
+  lost on another (attempt 51).
 * ``'taps'`` weight gradient, opt-in (``set_fast_conv_threshold``).
 
 The ``'cols'`` and ``'taps'`` rules skip convolutions of fewer than
@@ -118,8 +119,8 @@ def set_cpu_conv_gradients(enabled: bool) -> None:
 
 
 def custom_gradients_enabled() -> bool:
-  """Whether the layers' convolutions may use custom-VJP gradient rules
-  (:func:`set_cpu_conv_gradients`)."""
+  """Whether the layers' convolutions, batch norm and max pools may use
+  custom-VJP gradient rules (:func:`set_cpu_conv_gradients`)."""
   return _SETTINGS['enabled']
 
 

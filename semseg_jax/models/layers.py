@@ -583,10 +583,10 @@ def _tile_max_fwd(x: Array, k) -> tuple[Array, Array]:
   row-major order (``k[0] * k[1]`` where none equals it: a NaN maximum,
   which gets no gradient, as with :func:`_max_of_views`)."""
   out = (x.shape[1] // k[0], x.shape[2] // k[1])
+  # The views' own maximum, so that differentiating this forward (second
+  # order) also sends a tie's tangent to its first maximum.
+  y = _max_of_views(x, k, k, out)
   views = _window_views(x, k, k, out)
-  y = views[0]
-  for v in views[1:]:
-    y = jnp.maximum(y, v)
   arg = jnp.full(y.shape, len(views), jnp.int8)
   for i in reversed(range(len(views))):
     arg = jnp.where(views[i] == y, jnp.int8(i), arg)
@@ -625,9 +625,10 @@ def max_pool(x: Array, window: IntOrPair = 2, stride: IntOrPair | None = None,
   and gradients as ``reduce_window`` max and its select-and-scatter
   gradient, which XLA:CPU runs ~10x slower (2x2 pool of 2x294x294x64:
   170 ms -> 17 ms). On CPU, with :func:`cpu_conv.set_cpu_conv_gradients`
-  on, non-overlapping windows of up to 2x2 (stride = window) store each
-  window's int8 offset of its maximum and differentiate from it
-  (:func:`_tile_max_bwd`; experiments/RESULTS.md, attempt 50).
+  on, non-overlapping windows of at most 4 elements (stride = window)
+  store each window's int8 offset of its maximum and differentiate from it
+  (:func:`_tile_max_bwd`; experiments/RESULTS.md, attempt 50). Elsewhere,
+  and with them off (forward-mode autodiff), the views' JVP everywhere.
 
   Windows larger than 2x2 are pooled separably, along W and then along H
   (``kh + kw`` views instead of ``kh * kw``: FRRN's 16x16 pools compile in
