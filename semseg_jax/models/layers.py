@@ -587,8 +587,11 @@ def _tile_max_fwd(x: Array, k) -> tuple[Array, Array]:
   # order) also sends a tie's tangent to its first maximum.
   y = _max_of_views(x, k, k, out)
   views = _window_views(x, k, k, out)
-  arg = jnp.full(y.shape, len(views), jnp.int8)
-  for i in reversed(range(len(views))):
+  # From scalars only (no jnp.full: under a mesh context that array gets a
+  # `reshard`, which jax2onnx cannot lower).
+  n = len(views)
+  arg = jnp.where(views[-1] == y, jnp.int8(n - 1), jnp.int8(n))
+  for i in reversed(range(n - 1)):
     arg = jnp.where(views[i] == y, jnp.int8(i), arg)
   return y, arg
 
@@ -606,8 +609,8 @@ def _tile_max_bwd(k, arg, g):
   fuses into the producer's recomputation (U-Net's 2x96x96x16 pool with
   its batch-norm backward: 1.7 ms against 0.4)."""
   b, h, w, c = g.shape
-  pos = jnp.arange(k[0] * k[1], dtype=jnp.int8).reshape(1, 1, k[0], 1,
-                                                         k[1], 1)
+  pos = np.arange(k[0] * k[1], dtype=np.int8).reshape(1, 1, k[0], 1, k[1],
+                                                       1)
   dx = jnp.where(arg[:, :, None, :, None, :] == pos,
                  g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
   return (dx.reshape(b, h * k[0], w * k[1], c),)
