@@ -558,42 +558,45 @@ def _max_of_views(x: Array, k, s, out) -> Array:
   return y
 
 
+def _first_max(views: list[Array], y: Array) -> Array:
+  """The index (int8 up to 127 views) of each window's first view equal to its maximum ``y``
+  (row-major: the element XLA's select-and-scatter and torch pick), or
+  ``len(views)`` where none is (a NaN maximum). Built from scalars only:
+  an array made with ``jnp.full`` gets a ``reshard`` under a mesh context,
+  which jax2onnx cannot lower."""
+  n = len(views)
+  dt = jnp.int8 if n < 127 else jnp.int32
+  arg = jnp.where(views[-1] == y, dt(n - 1), dt(n))
+  for i in reversed(range(n - 1)):
+    arg = jnp.where(views[i] == y, dt(i), arg)
+  return arg
+
+
 @_max_of_views.defjvp
 def _max_of_views_jvp(k, s, out, primals, tangents):
-  # The tangent of the first maximum of each window in row-major order (the
-  # element XLA's select-and-scatter and torch pick). It is linear in the
-  # tangent through strided slices and selects, so its transpose, the
-  # gradient, is interior-padded pads and adds that XLA fuses.
+  # The tangent of each window's first maximum (_first_max). It is linear
+  # in the tangent through strided slices and selects, so its transpose,
+  # the gradient, is interior-padded pads and adds that XLA fuses.
   (x,), (tx,) = primals, tangents
   y = _max_of_views(x, k, s, out)
-  taken = None
+  arg = _first_max(_window_views(x, k, s, out), y)
   ty = None
-  for v, tv in zip(_window_views(x, k, s, out), _window_views(tx, k, s, out)):
-    hit = v == y
-    sel = hit if taken is None else hit & ~taken
-    taken = sel if taken is None else taken | sel
-    part = jnp.where(sel, tv, jnp.zeros((), tv.dtype))
+  for i, tv in enumerate(_window_views(tx, k, s, out)):
+    part = jnp.where(arg == i, tv, jnp.zeros((), tv.dtype))
     ty = part if ty is None else ty + part
   return y, ty
 
 
 def _tile_max_fwd(x: Array, k) -> tuple[Array, Array]:
   """Maxima of the ``k`` tiles of ``x`` (``[B, h * k[0], w * k[1], C]``)
-  and the int8 offset ``u * k[1] + v`` of each tile's first maximum in
-  row-major order (``k[0] * k[1]`` where none equals it: a NaN maximum,
-  which gets no gradient, as with :func:`_max_of_views`)."""
+  and the offset ``u * k[1] + v`` of each tile's first maximum
+  (:func:`_first_max`; a NaN maximum gets no gradient, as with
+  :func:`_max_of_views`)."""
   out = (x.shape[1] // k[0], x.shape[2] // k[1])
   # The views' own maximum, so that differentiating this forward (second
   # order) also sends a tie's tangent to its first maximum.
   y = _max_of_views(x, k, k, out)
-  views = _window_views(x, k, k, out)
-  # From scalars only (no jnp.full: under a mesh context that array gets a
-  # `reshard`, which jax2onnx cannot lower).
-  n = len(views)
-  arg = jnp.where(views[-1] == y, jnp.int8(n - 1), jnp.int8(n))
-  for i in reversed(range(n - 1)):
-    arg = jnp.where(views[i] == y, jnp.int8(i), arg)
-  return y, arg
+  return y, _first_max(_window_views(x, k, k, out), y)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
