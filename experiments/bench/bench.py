@@ -442,10 +442,16 @@ def environment(args=None) -> dict:
   }
 
 
+def env_line(env) -> str:
+  """:func:`environment` as the first line of a results table."""
+  return (f"{env['date']}, jax {env['jax']} on {env['backend']} "
+          f"({env['device']}, {env['cpu_count']} CPUs, running on "
+          f"{env['cpu_affinity']}), XLA_FLAGS=`{env['xla_flags']}`, malloc "
+          f"{env['malloc']}")
+
+
 def markdown(env, speed, memory, scaling) -> str:
-  lines = [f"{env['date']}, jax {env['jax']} on {env['backend']} "
-           f"({env['device']}, {env['cpu_count']} CPUs, running on {env['cpu_affinity']}), XLA_FLAGS="
-           f"`{env['xla_flags']}`, malloc {env.get('malloc', 'default')}, "
+  lines = [f"{env_line(env)}, "
            f"{'plain gradients, ' if env.get('plain_gradients') else ''}"
            f"load average {env['loadavg_start']} -> "
            f"{env.get('loadavg_end')}", '']

@@ -384,9 +384,7 @@ def bench_call(call, dtype, args, torch_mod=None) -> dict:
 
 
 def markdown(env, rows) -> str:
-  lines = [f"{env['date']}, jax {env['jax']} on {env['backend']} "
-           f"({env['device']}), torch {env.get('torch', '-')}, "
-           f"XLA_FLAGS=`{env['xla_flags']}`, malloc {env['malloc']}", '',
+  lines = [f"{bench.env_line(env)}, torch {env.get('torch', '-')}", '',
            '| network | op | input | geometry | dtype | form | fwd ms | '
            'fwd+bwd ms | cuDNN calls in fwd+bwd | rel. err vs first |',
            '|' + '---|' * 10]

@@ -112,9 +112,7 @@ def profile_one(name, k, hw, options, args) -> dict:
 
 
 def markdown(env, rows) -> str:
-  out = [f"{env['date']}, jax {env['jax']} on {env['backend']} "
-         f"({env['device']}, running on {env['cpu_affinity']}), XLA_FLAGS="
-         f"`{env['xla_flags']}`, malloc {env['malloc']}", '']
+  out = [bench.env_line(env), '']
   for r in rows:
     for line, v in r['lines'].items():
       out += [f"{r['model']} {r['mode']} {r['size']} batch "
